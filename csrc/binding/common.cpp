@@ -1,0 +1,93 @@
+#include "binding/common.h"
+
+#include <c10/core/ScalarType.h>
+
+#if defined(FUSEDOPS_WITH_CUDA)
+#include <c10/cuda/CUDAFunctions.h>
+#include <c10/cuda/CUDAStream.h>
+#endif
+
+namespace fusedops {
+
+Backend to_backend(int64_t code, const char* op) {
+  TORCH_CHECK_VALUE(code >= 0 && code <= 2, op, ": backend code ", code, " is not 0 (cpu), 1 (cuda-emulated) or 2 (cuda)");
+  auto b = static_cast<Backend>(code);
+  TORCH_CHECK(b != Backend::cuda || cuda_compiled(), op,
+              ": the cuda backend is not built into this fusedops (rebuild with a CUDA torch and nvcc)");
+  return b;
+}
+
+const char* backend_name(Backend b) {
+  switch (b) {
+    case Backend::cpu: return "cpu";
+    case Backend::emulated: return "cuda-emulated";
+    default: return "cuda";
+  }
+}
+
+bool cuda_compiled() {
+#if defined(FUSEDOPS_WITH_CUDA)
+  return true;
+#else
+  return false;
+#endif
+}
+
+std::string dtype_list(std::initializer_list<c10::ScalarType> allowed) {
+  std::string s;
+  size_t i = 0;
+  for (auto t : allowed) {
+    if (i > 0) s += (i + 1 == allowed.size()) ? " or " : ", ";
+    s += c10::toString(t);
+    ++i;
+  }
+  return s;
+}
+
+void check_device(Backend b, const at::Tensor& t, const char* op, const char* arg) {
+  const bool want_cuda = b == Backend::cuda;
+  TORCH_CHECK_VALUE(t.device().is_cuda() == want_cuda && (want_cuda || t.device().is_cpu()), op, ": ", arg,
+                    " is on ", t.device(), " but the ", backend_name(b), " backend needs ",
+                    want_cuda ? "a CUDA tensor" : "a CPU tensor");
+}
+
+void check_dtype(const at::Tensor& t, const char* op, const char* arg, std::initializer_list<c10::ScalarType> allowed) {
+  for (auto a : allowed)
+    if (t.scalar_type() == a) return;
+  TORCH_CHECK_TYPE(false, op, ": ", arg, " must have dtype ", dtype_list(allowed), ", got ", t.scalar_type());
+}
+
+void check_contiguous(const at::Tensor& t, const char* op, const char* arg) {
+  TORCH_CHECK_VALUE(t.is_contiguous(), op, ": ", arg, " must be contiguous (got strides ", t.strides(), ")");
+}
+
+void check_same_device(const at::Tensor& t, const at::Tensor& ref, const char* op, const char* arg, const char* ref_arg) {
+  TORCH_CHECK_VALUE(t.device() == ref.device(), op, ": ", arg, " is on ", t.device(), " but ", ref_arg, " is on ",
+                    ref.device());
+}
+
+void check_same_shape(const at::Tensor& t, const at::Tensor& ref, const char* op, const char* arg, const char* ref_arg) {
+  TORCH_CHECK_VALUE(t.sizes() == ref.sizes(), op, ": ", arg, " has shape ", t.sizes(), " but ", ref_arg, " has shape ",
+                    ref.sizes());
+}
+
+LaunchScope::LaunchScope(Backend b, const at::Tensor& t) {
+#if defined(FUSEDOPS_WITH_CUDA)
+  if (b == Backend::cuda) {
+    previous_device_ = c10::cuda::current_device();
+    c10::cuda::set_device(t.device().index());
+    stream_ = c10::cuda::getCurrentCUDAStream(t.device().index()).stream();
+  }
+#else
+  (void)b;
+  (void)t;
+#endif
+}
+
+LaunchScope::~LaunchScope() {
+#if defined(FUSEDOPS_WITH_CUDA)
+  if (previous_device_ >= 0) c10::cuda::set_device(static_cast<c10::DeviceIndex>(previous_device_));
+#endif
+}
+
+}  // namespace fusedops

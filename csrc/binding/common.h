@@ -1,0 +1,48 @@
+// Shared by the binding translation units: which backend runs an op, and argument checks whose
+// errors name the op, the argument and what was expected (they surface in Python as ValueError,
+// TypeError or RuntimeError through torch's exception translation).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include <initializer_list>
+#include <optional>
+#include <string>
+
+#include "common/stream.h"
+
+namespace fusedops {
+
+// Must match fusedops/_backend.py.
+enum class Backend : int64_t { cpu = 0, emulated = 1, cuda = 2 };
+
+Backend to_backend(int64_t code, const char* op);
+const char* backend_name(Backend b);
+bool cuda_compiled();
+
+std::string dtype_list(std::initializer_list<c10::ScalarType> allowed);
+
+// The tensor lives where the backend runs (CPU memory for cpu and emulated, a CUDA device for cuda).
+void check_device(Backend b, const at::Tensor& t, const char* op, const char* arg);
+void check_dtype(const at::Tensor& t, const char* op, const char* arg, std::initializer_list<c10::ScalarType> allowed);
+void check_contiguous(const at::Tensor& t, const char* op, const char* arg);
+void check_same_device(const at::Tensor& t, const at::Tensor& ref, const char* op, const char* arg, const char* ref_arg);
+void check_same_shape(const at::Tensor& t, const at::Tensor& ref, const char* op, const char* arg, const char* ref_arg);
+
+// The stream a kernel of backend `b` runs on for tensors on t's device (the current CUDA stream;
+// nullptr for the emulator). Also makes t's device current for the scope of the returned guard.
+class LaunchScope {
+ public:
+  LaunchScope(Backend b, const at::Tensor& t);
+  ~LaunchScope();
+  LaunchScope(const LaunchScope&) = delete;
+  LaunchScope& operator=(const LaunchScope&) = delete;
+  cudaStream_t stream() const { return stream_; }
+
+ private:
+  cudaStream_t stream_ = nullptr;
+  int previous_device_ = -1;
+};
+
+}  // namespace fusedops

@@ -1,0 +1,62 @@
+"""fusedops: fused kernels for PyTorch.
+
+Each op has a CUDA kernel, a vectorized multi-threaded C++ CPU kernel, and a float64 PyTorch
+reference (fusedops.reference) that the tests compare both against. See README.md.
+"""
+from __future__ import annotations
+
+import torch
+
+from ._loader import load_extension as _load_extension
+
+_C = _load_extension()
+
+from ._backend import available_backends, backend, current_backend  # noqa: E402
+from . import optim  # noqa: E402,F401
+
+__version__ = "0.1.0"
+
+
+def build_info() -> dict:
+    """What this build of fusedops contains and what it runs on here."""
+    from . import _build_config as cfg
+
+    return {
+        "fusedops_version": __version__,
+        "torch_version": torch.__version__,
+        "built_against_torch": cfg.TORCH_VERSION,
+        "cuda_built": bool(cfg.WITH_CUDA),
+        "cuda_archs": [a for a in cfg.CUDA_ARCHS.split(",") if a],
+        "cuda_available": bool(cfg.WITH_CUDA) and torch.cuda.is_available(),
+        "cpu_isas_built": [a for a in cfg.CPU_ISAS.split(",") if a],
+        "cpu_isas_available": list(_C.cpu_isas_available()),
+        "cpu_isa": _C.cpu_isa(),
+        "backends": available_backends(),
+        "emulator_schedule": "{}:{}".format(*_C.simt_schedule()),
+        "threads": torch.get_num_threads(),
+    }
+
+
+def set_cpu_isa(name: str) -> None:
+    """Use the CPU kernels compiled for `name` ("base", "avx2" or "avx512"); it must run on this CPU."""
+    try:
+        _C.set_cpu_isa(name)
+    except RuntimeError as e:  # pybind11 turns std::invalid_argument into ValueError already
+        raise ValueError(str(e)) from None
+
+
+def set_emulator_schedule(name: str, seed: int = 0) -> None:
+    """Order in which the SIMT emulator runs the threads of a block between synchronization points:
+    "in_order", "reversed", or "random" (seeded). Races that one order hides, another exposes."""
+    _C.set_simt_schedule(name, seed)
+
+
+__all__ = [
+    "available_backends",
+    "backend",
+    "build_info",
+    "current_backend",
+    "optim",
+    "set_cpu_isa",
+    "set_emulator_schedule",
+]

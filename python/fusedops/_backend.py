@@ -1,0 +1,80 @@
+"""Which implementation runs an op: the C++ CPU kernels, the CUDA kernels, or the CUDA kernels run
+on the CPU by the SIMT emulator.
+
+The choice is process-wide and set with the `backend` context manager; an op resolves it once, in
+its forward, from the device of its inputs, and its backward reuses the same backend.
+"""
+from __future__ import annotations
+
+import contextlib
+import threading
+from typing import Iterator
+
+import torch
+
+from . import _C
+
+CPU, EMULATED, CUDA = 0, 1, 2  # must match csrc/binding/common.h
+_NAMES = {"cpu": CPU, "cuda-emulated": EMULATED, "cuda": CUDA}
+BACKENDS = ("auto",) + tuple(_NAMES)
+
+_lock = threading.Lock()
+_current = "auto"
+
+
+def current_backend() -> str:
+    """The backend selected by the innermost active `backend(...)` context ("auto" by default)."""
+    return _current
+
+
+def available_backends() -> list[str]:
+    """Backends that can run here: always "cpu" and "cuda-emulated"; "cuda" with a GPU and a CUDA build."""
+    names = ["cpu", "cuda-emulated"]
+    if _C.cuda_compiled() and torch.cuda.is_available():
+        names.append("cuda")
+    return names
+
+
+@contextlib.contextmanager
+def backend(name: str) -> Iterator[None]:
+    """Select the implementation used by fusedops ops inside the block.
+
+    "auto" (default) runs CUDA tensors on the CUDA kernels and CPU tensors on the C++ CPU kernels;
+    "cpu" forces the CPU kernels; "cuda-emulated" runs CPU tensors through the CUDA kernel sources on
+    the SIMT emulator (slow: for testing); "cuda" requires CUDA tensors.
+    """
+    global _current
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {name!r}")
+    with _lock:
+        previous, _current = _current, name
+    try:
+        yield
+    finally:
+        with _lock:
+            _current = previous
+
+
+def resolve(op: str, device: torch.device) -> int:
+    """The backend code for running `op` on tensors on `device`, under the current selection."""
+    name = _current
+    if name == "auto":
+        if device.type == "cuda":
+            if not _C.cuda_compiled():
+                raise RuntimeError(
+                    f"fusedops.{op}: got CUDA tensors, but this fusedops was built without CUDA kernels "
+                    "(rebuild with a CUDA build of torch and nvcc on PATH; see README)"
+                )
+            return CUDA
+        if device.type == "cpu":
+            return CPU
+        raise ValueError(f"fusedops.{op}: tensors on {device} are not supported (CPU or CUDA tensors expected)")
+    code = _NAMES[name]
+    wanted = "cuda" if code == CUDA else "cpu"
+    if device.type != wanted:
+        raise ValueError(
+            f"fusedops.{op}: backend {name!r} runs on {wanted.upper()} tensors, but the inputs are on {device}"
+        )
+    if code == CUDA and not _C.cuda_compiled():
+        raise RuntimeError(f"fusedops.{op}: the cuda backend is not built into this fusedops (see README)")
+    return code

@@ -1,0 +1,1 @@
+"""Fused Adam and AdamW (filled in by the optimizer work)."""
