@@ -1,6 +1,12 @@
 #include "binding/common.h"
 
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <c10/core/ScalarType.h>
+
+#include <atomic>
+#include <cstdlib>
+#include <limits>
 
 #if defined(FUSEDOPS_WITH_CUDA)
 #include <c10/cuda/CUDAFunctions.h>
@@ -69,6 +75,39 @@ void check_same_device(const at::Tensor& t, const at::Tensor& ref, const char* o
 void check_same_shape(const at::Tensor& t, const at::Tensor& ref, const char* op, const char* arg, const char* ref_arg) {
   TORCH_CHECK_VALUE(t.sizes() == ref.sizes(), op, ": ", arg, " has shape ", t.sizes(), " but ", ref_arg, " has shape ",
                     ref.sizes());
+}
+
+namespace {
+std::atomic<bool>& poison_flag() {
+  static std::atomic<bool> flag{[] {
+    const char* env = std::getenv("FUSEDOPS_POISON_OUTPUTS");
+    return env != nullptr && *env != '\0' && *env != '0';
+  }()};
+  return flag;
+}
+
+at::Tensor poisoned(at::Tensor t) {
+  if (!poison_flag().load(std::memory_order_relaxed) || t.numel() == 0) return t;
+  if (at::isFloatingType(t.scalar_type()) || at::isComplexType(t.scalar_type())) {
+    t.fill_(std::numeric_limits<double>::quiet_NaN());
+  } else if (t.scalar_type() == at::kBool) {
+    t.fill_(true);
+  } else {
+    t.fill_(-1);
+  }
+  return t;
+}
+}  // namespace
+
+void set_poison_outputs(bool on) { poison_flag() = on; }
+bool poison_outputs() { return poison_flag().load(); }
+
+at::Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  return poisoned(at::empty(sizes, options));
+}
+
+at::Tensor new_output_like(const at::Tensor& t) {
+  return poisoned(at::empty_like(t, at::MemoryFormat::Contiguous));
 }
 
 LaunchScope::LaunchScope(Backend b, const at::Tensor& t) {

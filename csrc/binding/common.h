@@ -30,6 +30,13 @@ void check_contiguous(const at::Tensor& t, const char* op, const char* arg);
 void check_same_device(const at::Tensor& t, const at::Tensor& ref, const char* op, const char* arg, const char* ref_arg);
 void check_same_shape(const at::Tensor& t, const at::Tensor& ref, const char* op, const char* arg, const char* ref_arg);
 
+// Allocates an op's output. With poisoning on (the test suite turns it on), the memory is filled with
+// NaN (floating types) or all-ones bits (integers) first, so any element a kernel fails to write shows.
+at::Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& options);
+at::Tensor new_output_like(const at::Tensor& t);
+void set_poison_outputs(bool on);
+bool poison_outputs();
+
 // The stream a kernel of backend `b` runs on for tensors on t's device (the current CUDA stream;
 // nullptr for the emulator). Also makes t's device current for the scope of the returned guard.
 class LaunchScope {

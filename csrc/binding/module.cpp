@@ -81,6 +81,9 @@ PYBIND11_MODULE(_C, m) {
     return names;
   });
 
+  m.def("set_poison_outputs", &fusedops::set_poison_outputs, pybind11::arg("on"));
+  m.def("poison_outputs", &fusedops::poison_outputs);
+
   m.def("set_simt_schedule", [](const std::string& name, uint64_t seed) {
     fusedops::simt_emu::set_schedule(parse_schedule(name), seed);
   });
