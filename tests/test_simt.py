@@ -301,6 +301,30 @@ def test_cp_async_with_zero_fill(backend, _seed):
 
 
 @pytest.mark.parametrize("backend", simt_backends)
+def test_cp_async_groups_land_at_their_wait(backend):
+    threads = 32
+    src = torch.randn(2 * threads * 4, device=dev(backend))
+    dst = torch.full((3 * threads * 4,), 7.0, device=dev(backend))
+    run("cp_async_groups", backend, [src, dst], [], threads=threads)
+    got, rows = dst.cpu().view(3 * threads, 4), src.cpu().view(2 * threads, 4)
+    assert torch.equal(got[:threads], rows[:threads].flip(0)), "the waited-for group has landed"
+    assert torch.equal(got[2 * threads:], rows[threads:].flip(0)), "after wait_group 0 everything has landed"
+    if backend == "cuda-emulated":  # the group still in flight has not: its destination is still poison
+        assert torch.isnan(got[threads:2 * threads]).all()
+
+
+def test_shared_memory_overrun_faults():
+    """Dynamic shared memory ends at a guard page: an overrun crashes loudly instead of corrupting."""
+    import subprocess
+    import sys
+
+    code = ("import torch, fusedops; from fusedops import _C; "
+            "_C.simt_selftest('smem_overrun', 1, [torch.zeros(4)], [], threads=4)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode < 0, f"expected a fault, got exit {proc.returncode}: {proc.stderr[-500:]}"
+
+
+@pytest.mark.parametrize("backend", simt_backends)
 def test_syncwarp_orders_shared_memory(backend, _seed):
     rng = random.Random(_seed)
     for _ in range(4):

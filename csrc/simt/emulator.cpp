@@ -97,29 +97,37 @@ uint64_t splitmix64(uint64_t& state) {
 
 // ---- fiber stacks and context switching ------------------------------------------------------------
 
-// A stack with an inaccessible guard page below it, so an overflow faults instead of corrupting.
+// Memory with an inaccessible guard page on one side, so running off that end faults instead of
+// corrupting: below the usable range for fiber stacks (which grow down), above it for shared memory.
 struct Stack {
-  void* base = nullptr;  // mapping start (guard page)
+  void* base = nullptr;  // mapping start
   size_t mapped = 0;
+  bool guard_above = false;
   Stack() = default;
-  explicit Stack(size_t bytes) {
+  explicit Stack(size_t bytes, bool guard_above_ = false) : guard_above(guard_above_) {
     size_t page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
     mapped = ((bytes + page - 1) / page + 1) * page;
     base = mmap(nullptr, mapped, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
     if (base == MAP_FAILED) throw std::runtime_error("simt emulator: cannot map a fiber stack");
-    mprotect(base, page, PROT_NONE);
+    mprotect(guard_above ? static_cast<char*>(base) + mapped - page : base, page, PROT_NONE);
   }
-  Stack(Stack&& o) noexcept : base(o.base), mapped(o.mapped) { o.base = nullptr; }
+  Stack(Stack&& o) noexcept : base(o.base), mapped(o.mapped), guard_above(o.guard_above) { o.base = nullptr; }
   Stack& operator=(Stack&& o) noexcept {
     std::swap(base, o.base);
     std::swap(mapped, o.mapped);
+    std::swap(guard_above, o.guard_above);
     return *this;
   }
   ~Stack() {
     if (base) munmap(base, mapped);
   }
-  char* top() const { return static_cast<char*>(base) + mapped; }
-  char* bottom() const { return static_cast<char*>(base) + static_cast<size_t>(sysconf(_SC_PAGESIZE)); }
+  // The usable range [bottom, top).
+  char* top() const {
+    return static_cast<char*>(base) + mapped - (guard_above ? static_cast<size_t>(sysconf(_SC_PAGESIZE)) : 0);
+  }
+  char* bottom() const {
+    return static_cast<char*>(base) + (guard_above ? 0 : static_cast<size_t>(sysconf(_SC_PAGESIZE)));
+  }
 };
 
 struct Fiber;
@@ -230,8 +238,20 @@ inline void context_switch(Context& from, Context& to) {
 
 enum class FiberState : uint8_t { runnable, at_barrier, in_collective, exited };
 
+// A cp.async issued by a thread that has not landed in shared memory yet: it lands when the thread
+// waits for its group (cp.async.wait_group), as on the GPU, where reading the destination earlier
+// sees whatever was there before.
+struct PendingCopy {
+  void* dst;
+  unsigned char data[16];
+  int bytes;
+  uint64_t group;  // the number of commits the thread had made when it issued the copy
+};
+
 struct Fiber {
   ThreadBuiltins builtins{};
+  std::vector<PendingCopy> copies;
+  uint64_t commits = 0;
   Context context;
   FiberState state = FiberState::runnable;
   unsigned warp = 0;
@@ -288,10 +308,10 @@ class BlockRunner {
                    std::to_string(tls_block.block_idx.z) + ")";
     prepare(nthreads, nwarps, linear_block);
 
+    // Dynamic shared memory ends right at a guard page, so a kernel that overruns it faults.
     smem_size_ = spec.dynamic_smem_bytes;
-    if (smem_storage_.size() < smem_size_ + 128) smem_storage_.resize(smem_size_ + 128);
-    smem_ = reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(smem_storage_.data()) + 127) &
-                                             ~uintptr_t(127));
+    if (!smem_storage_.base) smem_storage_ = Stack(kMaxDynamicSmem, /*guard_above=*/true);
+    smem_ = reinterpret_cast<unsigned char*>(smem_storage_.top()) - ((smem_size_ + 15) / 16 * 16);
     std::memset(smem_, 0xFF, smem_size_);
 
     struct Leave {
@@ -384,6 +404,22 @@ class BlockRunner {
     throw std::runtime_error(where + ": " + what);
   }
 
+  void cp_async(void* dst, const void* src, int bytes, int src_bytes) {
+    PendingCopy c;
+    c.dst = dst;
+    c.bytes = bytes;
+    c.group = current_->commits;
+    std::memset(c.data, 0, sizeof c.data);
+    if (src_bytes > 0) std::memcpy(c.data, src, static_cast<size_t>(src_bytes));
+    current_->copies.push_back(c);
+  }
+  void cp_async_commit() { ++current_->commits; }
+  // cp.async.wait_group n: every committed group but the newest n has landed.
+  void cp_async_wait(int n) {
+    Fiber* f = current_;
+    if (f->commits >= static_cast<uint64_t>(n)) land_copies(f, f->commits - static_cast<uint64_t>(n));
+  }
+
   unsigned char* smem() const { return smem_; }
   size_t smem_size() const { return smem_size_; }
 
@@ -411,6 +447,8 @@ class BlockRunner {
       f.warp = t / 32;
       f.state = FiberState::runnable;
       f.collective = nullptr;
+      f.copies.clear();
+      f.commits = 0;
       context_init(f.context, stacks_[t], &f, t);
     }
     live_ = static_cast<int>(nthreads);
@@ -483,7 +521,22 @@ class BlockRunner {
     make_runnable(first, 32, [&](int id) { return (p.arrived >> (id - first) & 1u) != 0; });
   }
 
+  // Lands the fiber's copies of groups below `group_limit`, in issue order.
+  static void land_copies(Fiber* f, uint64_t group_limit) {
+    size_t kept = 0;
+    for (size_t i = 0; i < f->copies.size(); ++i) {
+      PendingCopy& c = f->copies[i];
+      if (c.group < group_limit) {
+        std::memcpy(c.dst, c.data, static_cast<size_t>(c.bytes));
+      } else {
+        f->copies[kept++] = c;
+      }
+    }
+    f->copies.resize(kept);
+  }
+
   void on_exit(Fiber* f) {
+    land_copies(f, f->commits + 1);  // what a thread leaves in flight still arrives
     f->state = FiberState::exited;
     --live_;
     Warp& w = warps_[f->warp];
@@ -569,7 +622,7 @@ class BlockRunner {
   std::exception_ptr error_;
   Schedule schedule_ = Schedule::in_order;
   uint64_t rng_ = 0;
-  std::vector<unsigned char> smem_storage_;
+  Stack smem_storage_;  // a mapping with a guard page; shared memory sits at its top end
   unsigned char* smem_ = nullptr;
   size_t smem_size_ = 0;
 #if FUSEDOPS_SIMT_ASAN
@@ -898,9 +951,11 @@ void cp_async(void* dst, const void* src, int bytes, int src_bytes) {
       reinterpret_cast<uintptr_t>(src) % static_cast<uintptr_t>(bytes) != 0)
     trap("cp.async: source and destination must be aligned to the copy size");
   if (src_bytes < 0 || src_bytes > bytes) trap("cp.async: src-size exceeds cp-size");
-  if (src_bytes > 0) std::memcpy(dst, src, static_cast<size_t>(src_bytes));
-  if (src_bytes < bytes) std::memset(static_cast<char*>(dst) + src_bytes, 0, static_cast<size_t>(bytes - src_bytes));
+  running().cp_async(dst, src, bytes, src_bytes);
 }
+
+void cp_async_commit() { running().cp_async_commit(); }
+void cp_async_wait(int pending) { running().cp_async_wait(pending); }
 
 }  // namespace fusedops::simt_emu
 

@@ -176,6 +176,32 @@ __global__ void cp_async_kernel(const float4* src, float4* dst, int valid) {
   dst[t] = s[blockDim.x - 1 - t];
 }
 
+// Two groups in flight: after wait_group 1 the first has landed and the second need not have
+// (dst[n..2n) records what was there); after wait_group 0 both have.
+__global__ void cp_async_groups_kernel(const float4* src, float4* dst) {
+  const int t = static_cast<int>(threadIdx.x), n = static_cast<int>(blockDim.x);
+  float4* s = simt::dynamic_smem<float4>();
+  simt::cp_async_16(&s[t], &src[t]);
+  simt::cp_async_commit();
+  simt::cp_async_16(&s[n + t], &src[n + t]);
+  simt::cp_async_commit();
+  simt::cp_async_wait<1>();
+  __syncthreads();
+  dst[t] = s[n - 1 - t];
+  dst[n + t] = s[n + t];
+  __syncthreads();
+  simt::cp_async_wait<0>();
+  __syncthreads();
+  dst[2 * n + t] = s[2 * n - 1 - t];
+}
+
+// Writes one float past the end of its dynamic shared memory.
+__global__ void smem_overrun_kernel(float* out) {
+  float* s = simt::dynamic_smem<float>();
+  s[threadIdx.x + 4] = 1.0f;
+  out[threadIdx.x] = s[threadIdx.x];
+}
+
 __global__ void deadlock_kernel(float* out, int variant) {
   const unsigned t = threadIdx.x;
   if (variant == 0) {
@@ -297,6 +323,11 @@ void simt_selftest(const char* name, const SelftestArgs& x, cudaStream_t stream)
   } else if (test == "cp_async") {
     SIMT_LAUNCH(cp_async_kernel, 1, x.threads, x.threads * sizeof(float4), stream, as<const float4>(x.a),
                 as<float4>(x.b), static_cast<int>(x.i[0]));
+  } else if (test == "cp_async_groups") {
+    SIMT_LAUNCH(cp_async_groups_kernel, 1, x.threads, 2 * x.threads * sizeof(float4), stream, as<const float4>(x.a),
+                as<float4>(x.b));
+  } else if (test == "smem_overrun") {
+    SIMT_LAUNCH(smem_overrun_kernel, 1, 4, 4 * sizeof(float), stream, as<float>(x.a));
   } else if (test == "deadlock") {
     SIMT_LAUNCH(deadlock_kernel, 1, x.threads, 0, stream, as<float>(x.a), static_cast<int>(x.i[0]));
   } else if (test == "missing_barrier") {

@@ -20,7 +20,7 @@ struct SelftestArgs {
 };
 
 // The tests by name: shuffle, vote, reduce, match_any, barrier, barrier_reduce, atomics, dynamic_smem,
-// mma, ldmatrix, cp_async, deadlock, missing_barrier, misaligned_ldmatrix, big_smem, syncwarp, trap,
+// mma, ldmatrix, cp_async, cp_async_groups, smem_overrun, deadlock, missing_barrier, misaligned_ldmatrix, big_smem, syncwarp, trap,
 // block_dims. Throws std::invalid_argument for an unknown name.
 #define FUSEDOPS_SELFTEST_DECL void simt_selftest(const char* name, const SelftestArgs& args, cudaStream_t stream)
 namespace cuda {

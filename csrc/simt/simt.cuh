@@ -455,7 +455,8 @@ FUSEDOPS_DEVICE void ldmatrix_x4_trans(uint32_t (&r)[4], const void* row) {
 }
 
 // cp.async.cg.shared.global of 16 bytes (sm_80+); when `valid` is false the destination is zero-filled
-// and the source is not read. Under the emulator the copy is synchronous.
+// and the source is not read. The data is in shared memory only after cp_async_wait for its group (and,
+// for other threads, a barrier after that): the emulator lands copies at the wait, as the GPU may.
 FUSEDOPS_DEVICE void cp_async_16(void* smem_dst, const void* gmem_src, bool valid = true) {
 #if FUSEDOPS_EMULATED
   ::fusedops::simt_emu::cp_async(smem_dst, gmem_src, 16, valid ? 16 : 0);
@@ -465,14 +466,18 @@ FUSEDOPS_DEVICE void cp_async_16(void* smem_dst, const void* gmem_src, bool vali
 #endif
 }
 FUSEDOPS_DEVICE void cp_async_commit() {
-#if !FUSEDOPS_EMULATED
+#if FUSEDOPS_EMULATED
+  ::fusedops::simt_emu::cp_async_commit();
+#else
   asm volatile("cp.async.commit_group;\n" ::);
 #endif
 }
 // Waits until at most `pending` committed groups are still in flight.
 template <int pending>
 FUSEDOPS_DEVICE void cp_async_wait() {
-#if !FUSEDOPS_EMULATED
+#if FUSEDOPS_EMULATED
+  ::fusedops::simt_emu::cp_async_wait(pending);
+#else
   asm volatile("cp.async.wait_group %0;\n" ::"n"(pending));
 #endif
 }
