@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from . import harness
+from . import harness, plots
 
 ROOT = Path(__file__).resolve().parent
 
@@ -97,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
                     f"{l['matmul_fp32_tflops'] * 1e3:.0f} GFLOP/s, bf16 {l['matmul_bf16_tflops'] * 1e3:.0f} GFLOP/s"
                     for d, l in limits_by_device.items())
         + "\n\n" + harness.format_markdown(all_rows) + "\n")
+    for path in plots.plot_rows(all_rows, out_dir):
+        print(f"plot: {path}", file=sys.stderr)
     print(f"\nresults written to {out_dir}", file=sys.stderr)
     return 0
 
