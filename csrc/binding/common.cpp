@@ -1,5 +1,6 @@
 #include "binding/common.h"
 
+#include <ATen/MemoryOverlap.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <c10/core/ScalarType.h>
@@ -70,6 +71,19 @@ void check_contiguous(const at::Tensor& t, const char* op, const char* arg) {
 void check_same_device(const at::Tensor& t, const at::Tensor& ref, const char* op, const char* arg, const char* ref_arg) {
   TORCH_CHECK_VALUE(t.device() == ref.device(), op, ": ", arg, " is on ", t.device(), " but ", ref_arg, " is on ",
                     ref.device());
+}
+
+void check_no_overlap(const at::Tensor& t, const at::Tensor& other, const char* op, const char* arg,
+                      const char* other_arg) {
+  if (!t.defined() || !other.defined() || t.numel() == 0 || other.numel() == 0) return;
+  const auto status = at::get_overlap_status(t, other);
+  TORCH_CHECK_VALUE(status != at::MemOverlapStatus::Full && status != at::MemOverlapStatus::Partial, op, ": ", arg,
+                    " shares memory with ", other_arg, "; pass separate tensors");
+}
+
+void check_writable(const at::Tensor& t, const char* op, const char* arg) {
+  TORCH_CHECK_VALUE(at::has_internal_overlap(t) != at::MemOverlap::Yes, op, ": ", arg,
+                    " has elements that share memory (an expanded or overlapping view); it cannot be written in place");
 }
 
 void check_same_shape(const at::Tensor& t, const at::Tensor& ref, const char* op, const char* arg, const char* ref_arg) {

@@ -28,6 +28,10 @@ void check_device(Backend b, const at::Tensor& t, const char* op, const char* ar
 void check_dtype(const at::Tensor& t, const char* op, const char* arg, std::initializer_list<c10::ScalarType> allowed);
 void check_contiguous(const at::Tensor& t, const char* op, const char* arg);
 void check_same_device(const at::Tensor& t, const at::Tensor& ref, const char* op, const char* arg, const char* ref_arg);
+// `t` must not share memory with `other` (an output written while `other` is read, or two outputs).
+void check_no_overlap(const at::Tensor& t, const at::Tensor& other, const char* op, const char* arg, const char* other_arg);
+// An in-place output must not have internal overlap (expanded or strided views writing one element twice).
+void check_writable(const at::Tensor& t, const char* op, const char* arg);
 void check_same_shape(const at::Tensor& t, const at::Tensor& ref, const char* op, const char* arg, const char* ref_arg);
 
 // Allocates an op's output. With poisoning on (the test suite turns it on), the memory is filled with
