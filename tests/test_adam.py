@@ -322,17 +322,14 @@ def test_stochastic_rounding_bits_match_reference(backend, device):
         denom = v.sqrt() * inv_bias2  # fma(√v, 1/√bias2, eps = 0)
         # fma(-step, m / denom, p): the product of two floats is exact in float64.
         new_p = (neg_step.double() * (m / denom).double() + init[rng_id].detach().double().cpu()).float()
-        bits0 = reference.adam_random_bits(seed, rng_id, 0, 1, n)
-        bits1 = reference.adam_random_bits(seed, rng_id, 1, 1, n)
+        bits = reference.adam_random_bits(seed, rng_id, 1, n)
         st = opt.state[p]
-        expect = {
-            "exp_avg": reference.bf16_stochastic_round(m, bits0 & 0xFFFF),
-            "exp_avg_sq": reference.bf16_stochastic_round(v, bits0 >> 16),
-            "max_exp_avg_sq": reference.bf16_stochastic_round(v, bits1 >> 16),
-        }
+        # One draw per element rounds all of its stochastically stored values.
+        expect = {k: reference.bf16_stochastic_round(x, bits)
+                  for k, x in (("exp_avg", m), ("exp_avg_sq", v), ("max_exp_avg_sq", v))}
         for k, e in expect.items():
             assert torch.equal(st[k].cpu().view(torch.int16), e.view(torch.int16)), f"{k} of tensor {rng_id}"
-        expect_p = reference.bf16_stochastic_round(new_p, bits1 & 0xFFFF)
+        expect_p = reference.bf16_stochastic_round(new_p, bits)
         assert torch.equal(p.detach().cpu().view(torch.int16), expect_p.view(torch.int16)), f"param {rng_id}"
         # Not merely rounding to nearest: some elements must round the other way.
         if n >= 1000:

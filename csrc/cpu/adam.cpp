@@ -30,7 +30,7 @@
 namespace fusedops::cpu::FUSEDOPS_CPU_ISA {
 namespace {
 
-constexpr int kBatch = 4 * kLanes;    // elements per inner iteration: one Philox group per lane
+constexpr int kBatch = 8 * kLanes;    // elements per inner iteration: one Philox group (8 elements) per lane
 constexpr int64_t kChunk = 1 << 14;   // elements per unit of parallel work (a multiple of kBatch)
 static_assert(kChunk % kBatch == 0, "chunks hold whole batches");
 
@@ -144,24 +144,30 @@ inline void transpose4(const vuint (&x)[4], vuint (&out)[4]) {
 #endif
 }
 
-// The group lane L = 4·b + j computes: after transpose4, out[j] then holds groups j·kLanes/4 .. (j+1)·kLanes/4 - 1,
-// i.e. elements j·kLanes .. (j+1)·kLanes - 1 of the batch, in order.
+// The group lane L = 4·b + j computes: after transpose4, out[j] then holds groups j·kLanes/4 .. (j+1)·kLanes/4 - 1
+// in order, so out[0..3] end to end are the kLanes groups in order.
 inline vuint lane_groups() {
   vuint g;
   for (int lane = 0; lane < kLanes; ++lane) g[lane] = static_cast<uint32_t>((lane % 4) * (kLanes / 4) + lane / 4);
   return g;
 }
 
-// The random numbers of elements first_element .. first_element + kBatch - 1 (first_element a multiple of
-// kBatch): out[q][i] = philox_group(key, stream, e / 4).x[e % 4] for e = first_element + q·kLanes + i.
-inline void philox_batch(uint64_t key, uint64_t stream, uint64_t first_element, const vuint& groups, vuint (&out)[4]) {
-  const uint64_t first_group = first_element / 4;  // a multiple of kLanes: adding a lane's offset never carries
-  vuint c0 = groups + static_cast<uint32_t>(first_group);
-  vuint c1 = vuint{} + static_cast<uint32_t>(first_group >> 32);
-  vuint c2 = vuint{} + static_cast<uint32_t>(stream);
-  vuint c3 = vuint{} + static_cast<uint32_t>(stream >> 32);
-  uint32_t k0 = static_cast<uint32_t>(key), k1 = static_cast<uint32_t>(key >> 32);
-  for (int round = 0; round < 10; ++round) {
+// Philox4x32-10 on kLanes groups at once. After 10 rounds, words() gives the Philox words of groups first_group .. first_group + kLanes - 1 in order: out[0..3] laid
+// end to end hold group first_group's 4 words, then the next group's, and so on.
+struct PhiloxLanes {
+  vuint c0, c1, c2, c3;
+  uint32_t k0, k1;
+
+  // first_group is a multiple of kLanes: adding a lane's offset never carries into the high word.
+  PhiloxLanes(uint64_t key, uint64_t stream, uint64_t first_group, const vuint& groups)
+      : c0(groups + static_cast<uint32_t>(first_group)),
+        c1(vuint{} + static_cast<uint32_t>(first_group >> 32)),
+        c2(vuint{} + static_cast<uint32_t>(stream)),
+        c3(vuint{} + static_cast<uint32_t>(stream >> 32)),
+        k0(static_cast<uint32_t>(key)),
+        k1(static_cast<uint32_t>(key >> 32)) {}
+
+  void round() {
     vuint hi0, lo0, hi1, lo1;
     mulhilo(c0, 0xD2511F53u, hi0, lo0);
     mulhilo(c2, 0xCD9E8D57u, hi1, lo1);
@@ -172,15 +178,38 @@ inline void philox_batch(uint64_t key, uint64_t stream, uint64_t first_element, 
     k0 += 0x9E3779B9u;
     k1 += 0xBB67AE85u;
   }
-  const vuint x[4] = {c0, c1, c2, c3};
-  transpose4(x, out);
+
+  void words(vuint (&out)[4]) const {
+    const vuint x[4] = {c0, c1, c2, c3};
+    transpose4(x, out);
+  }
+};
+
+constexpr int kPhiloxRounds = 10;
+
+// The 16-bit random values of element vector q of a batch, zero-extended to 32-bit lanes: words[] end to end
+// hold 2·kLanes values per entry, so vector q takes half q % 2 of words[q / 2] (in registers: a reload
+// through memory would miss store-to-load forwarding for the upper halves).
+inline vuint random_lanes(const vuint (&words)[4], int q) {
+  const ivec w = (ivec)words[q / 2];
+#if defined(__AVX512F__)
+  return (vuint)_mm512_cvtepu16_epi32(q % 2 ? _mm512_extracti64x4_epi64(w, 1) : _mm512_castsi512_si256(w));
+#elif defined(__AVX2__)
+  return (vuint)_mm256_cvtepu16_epi32(q % 2 ? _mm256_extracti128_si256(w, 1) : _mm256_castsi256_si128(w));
+#elif defined(__SSE2__)
+  return (vuint)_mm_unpacklo_epi16(q % 2 ? _mm_srli_si128(w, 8) : w, _mm_setzero_si128());
+#else
+  vhalfbits h;
+  std::memcpy(&h, reinterpret_cast<const uint16_t*>(&words[q / 2]) + (q % 2) * kLanes, sizeof h);
+  return __builtin_convertvector(h, vuint);
+#endif
 }
 
 // ---- loads and stores ----------------------------------------------------------------------------------------
 inline void store_stochastic(bf16_t* p, vfloat v, vuint random16) {
   const vuint u = as_uint(v);
   const vuint is_nan = (u & 0x7fffffffu) > 0x7f800000u;
-  const vuint rounded = (u + (random16 & 0xffffu)) >> 16;
+  const vuint rounded = (u + random16) >> 16;  // random16 < 2^16
   const vuint quiet = (u >> 16) | 0x40u;
   const vhalfbits h = __builtin_convertvector((rounded & ~is_nan) | (quiet & is_nan), vhalfbits);
   std::memcpy(p, &h, sizeof h);
@@ -218,13 +247,16 @@ struct CallScalars {
 
 // Elements [begin, end) of one tensor; begin is a multiple of kBatch.
 template <class P, class S, bool kAmsgrad, AdamParamRounding kRounding>
-void update_range(const CallScalars& call, const AdamTensor& t, const AdamTensorScalars& ts, int64_t begin,
-                  int64_t end) {
+void update_range(const CallScalars& call, const AdamTensor& t, const AdamTensorScalars& tensor_scalars,
+                  int64_t begin, int64_t end) {
   constexpr bool kStochasticState = std::is_same<S, bf16_t>::value;
   constexpr bool kStochasticParam = kRounding == AdamParamRounding::stochastic;
   constexpr bool kMaster = kRounding == AdamParamRounding::master;
-  constexpr bool kSecondStream = kStochasticParam || (kStochasticState && kAmsgrad);
-  const AdamScalars& s = call.s;
+  constexpr bool kRandom = kStochasticParam || kStochasticState;
+  // Local copies: the stores below could alias the callers' structs, which would force a reload of every
+  // coefficient in every iteration.
+  const AdamScalars s = call.s;
+  const AdamTensorScalars ts = tensor_scalars;
   const bool unscale = call.unscale;
   P* param = static_cast<P*>(t.param);
   P* grad = static_cast<P*>(t.grad);
@@ -233,19 +265,23 @@ void update_range(const CallScalars& call, const AdamTensor& t, const AdamTensor
   S* max_exp_avg_sq = static_cast<S*>(t.max_exp_avg_sq);
   float* master = t.master;
   const uint64_t seed = call.cfg->seed;
-  const uint64_t stream0 = adam_rng_stream(t.rng_id, 0, ts.step);
-  const uint64_t stream1 = adam_rng_stream(t.rng_id, 1, ts.step);
+  const uint64_t stream = adam_rng_stream(t.rng_id, ts.step);
 
   int64_t e = begin;
   if (end - begin >= kBatch) {
     const vuint groups = lane_groups();
     const vfloat scale = vbroadcast(call.grad_scale);
     for (; e + kBatch <= end; e += kBatch) {
-      vuint r0[4] = {}, r1[4] = {};
-      if (kStochasticState) philox_batch(seed, stream0, static_cast<uint64_t>(e), groups, r0);
-      if (kSecondStream) philox_batch(seed, stream1, static_cast<uint64_t>(e), groups, r1);
-      for (int q = 0; q < 4; ++q) {
+      // The batch's 16-bit random values in element order (adam.h): one Philox group per 8 elements.
+      vuint words[4] = {};
+      if (kRandom) {
+        PhiloxLanes philox(seed, stream, static_cast<uint64_t>(e) / 8, groups);
+        for (int r = 0; r < kPhiloxRounds; ++r) philox.round();
+        philox.words(words);
+      }
+      for (int q = 0; q < kBatch / kLanes; ++q) {
         const int64_t x = e + q * kLanes;
+        const vuint r = kRandom ? random_lanes(words, q) : vuint{};
         vfloat p = kMaster ? load(master + x) : load(param + x);
         vfloat g = load(grad + x);
         vfloat m = load(exp_avg + x), v = load(exp_avg_sq + x), vmax{};
@@ -256,17 +292,16 @@ void update_range(const CallScalars& call, const AdamTensor& t, const AdamTensor
         }
         p = adam_update<vfloat, VecOps>(p, g, m, v, vmax, kAmsgrad, s, ts);
         if (kMaster) store(master + x, p);
-        store_rounded(param + x, p, kStochasticParam, r1[q]);
-        store_rounded(exp_avg + x, m, kStochasticState, r0[q]);
-        store_rounded(exp_avg_sq + x, v, kStochasticState, r0[q] >> 16);
-        if (kAmsgrad) store_rounded(max_exp_avg_sq + x, vmax, kStochasticState, r1[q] >> 16);
+        store_rounded(param + x, p, kStochasticParam, r);
+        store_rounded(exp_avg + x, m, kStochasticState, r);
+        store_rounded(exp_avg_sq + x, v, kStochasticState, r);
+        if (kAmsgrad) store_rounded(max_exp_avg_sq + x, vmax, kStochasticState, r);
       }
     }
   }
   for (; e < end; ++e) {
-    uint32_t r0 = 0, r1 = 0;
-    if (kStochasticState) r0 = philox_group(seed, stream0, static_cast<uint64_t>(e) / 4).x[e % 4];
-    if (kSecondStream) r1 = philox_group(seed, stream1, static_cast<uint64_t>(e) / 4).x[e % 4];
+    uint32_t r = 0;
+    if (kRandom) r = adam_random16(philox_group(seed, stream, static_cast<uint64_t>(e) / 8), static_cast<uint64_t>(e));
     float p = kMaster ? master[e] : to_float(param[e]);
     float g = to_float(grad[e]);
     float m = to_float(exp_avg[e]), v = to_float(exp_avg_sq[e]), vmax = 0.0f;
@@ -277,10 +312,10 @@ void update_range(const CallScalars& call, const AdamTensor& t, const AdamTensor
     }
     p = adam_update<float, ScalarOps>(p, g, m, v, vmax, kAmsgrad, s, ts);
     if (kMaster) master[e] = p;
-    param[e] = round_scalar<P>(p, kStochasticParam, r1);
-    exp_avg[e] = round_scalar<S>(m, kStochasticState, r0);
-    exp_avg_sq[e] = round_scalar<S>(v, kStochasticState, r0 >> 16);
-    if (kAmsgrad) max_exp_avg_sq[e] = round_scalar<S>(vmax, kStochasticState, r1 >> 16);
+    param[e] = round_scalar<P>(p, kStochasticParam, r);
+    exp_avg[e] = round_scalar<S>(m, kStochasticState, r);
+    exp_avg_sq[e] = round_scalar<S>(v, kStochasticState, r);
+    if (kAmsgrad) max_exp_avg_sq[e] = round_scalar<S>(vmax, kStochasticState, r);
   }
 }
 

@@ -18,8 +18,8 @@
 //
 // Limits. A tensor never spans launches; a group launches more than once only when its addresses do not fit
 // the parameters (about 400-540 tensors per launch). The stochastic rounding bits come from Philox
-// (common/philox.h), one call per 4 elements and per random stream, so the CPU kernel, the emulator and the
-// GPU round identically.
+// (common/philox.h), one call per 8 elements, so the CPU kernel, the emulator and the GPU round
+// identically.
 //
 // References: Kingma & Ba, "Adam" (2015); Loshchilov & Hutter, "Decoupled weight decay" (2019); torch.optim
 // Adam/AdamW for the exact semantics; Salmon et al., "Parallel random numbers: as easy as 1, 2, 3" (2011).
@@ -173,8 +173,7 @@ FUSEDOPS_DEVICE void adam_update_range(const AdamConfig& cfg, const AdamScalars&
                 aligned(exp_avg_sq, 4 * sizeof(S));
   if (kAmsgrad) vector = vector && aligned(max_exp_avg_sq, 4 * sizeof(S));
   if (kMaster) vector = vector && aligned(master, 16);
-  const uint64_t stream0 = adam_rng_stream(list.rng_id[tensor], 0, ts.step);
-  const uint64_t stream1 = adam_rng_stream(list.rng_id[tensor], 1, ts.step);
+  const uint64_t stream = adam_rng_stream(list.rng_id[tensor], ts.step);
 
   for (int64_t e = begin + kElemsPerThread * static_cast<int64_t>(threadIdx.x); e < end;
        e += kElemsPerThread * static_cast<int64_t>(blockDim.x)) {
@@ -197,30 +196,20 @@ FUSEDOPS_DEVICE void adam_update_range(const AdamConfig& cfg, const AdamScalars&
 #pragma unroll
     for (int i = 0; i < 4; ++i) p[i] = adam_update<float, DeviceOps>(p[i], g[i], m[i], v[i], vmax[i], kAmsgrad, s, ts);
 
-    // e is a multiple of 4: this thread's elements are exactly one Philox group.
-    uint32_t bits_m[4] = {0, 0, 0, 0}, bits_v[4] = {0, 0, 0, 0}, bits_p[4] = {0, 0, 0, 0}, bits_max[4] = {0, 0, 0, 0};
-    if (kStochasticState) {
-      const Philox4 r = philox_group(cfg.seed, stream0, static_cast<uint64_t>(e) / 4);
+    // e is a multiple of 4: this thread's elements take two words of one Philox group (the neighbouring
+    // thread takes the other two; recomputing the group costs less than exchanging it).
+    uint32_t bits[4] = {0, 0, 0, 0};
+    if (kStochasticState || kStochasticParam) {
+      const Philox4 r = philox_group(cfg.seed, stream, static_cast<uint64_t>(e) / 8);
 #pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        bits_m[i] = r.x[i] & 0xffffu;
-        bits_v[i] = r.x[i] >> 16;
-      }
+      for (int i = 0; i < 4; ++i) bits[i] = adam_random16(r, static_cast<uint64_t>(e + i));
     }
-    if (kStochasticParam || (kStochasticState && kAmsgrad)) {
-      const Philox4 r = philox_group(cfg.seed, stream1, static_cast<uint64_t>(e) / 4);
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        bits_p[i] = r.x[i] & 0xffffu;
-        bits_max[i] = r.x[i] >> 16;
-      }
-    }
-    if (kMaster) store4(master, e, n, vec, p, false, bits_p);
-    store4(param, e, n, vec, p, kStochasticParam, bits_p);
-    if (unscale) store4(grad, e, n, vec, g, false, bits_p);
-    store4(exp_avg, e, n, vec, m, kStochasticState, bits_m);
-    store4(exp_avg_sq, e, n, vec, v, kStochasticState, bits_v);
-    if (kAmsgrad) store4(max_exp_avg_sq, e, n, vec, vmax, kStochasticState, bits_max);
+    if (kMaster) store4(master, e, n, vec, p, false, bits);
+    store4(param, e, n, vec, p, kStochasticParam, bits);
+    if (unscale) store4(grad, e, n, vec, g, false, bits);
+    store4(exp_avg, e, n, vec, m, kStochasticState, bits);
+    store4(exp_avg_sq, e, n, vec, v, kStochasticState, bits);
+    if (kAmsgrad) store4(max_exp_avg_sq, e, n, vec, vmax, kStochasticState, bits);
   }
 }
 

@@ -72,19 +72,20 @@ def _philox4x32_10(key: int, counters: "np.ndarray") -> "np.ndarray":
     return np.stack(c, axis=1).astype(np.uint32)
 
 
-def adam_random_bits(seed: int, rng_id: int, kind: int, step: int, numel: int) -> torch.Tensor:
-    """The 32 random bits of each element of a tensor for FusedAdam's stochastic rounding (kernels/adam.h):
-    element e gets word e % 4 of Philox4x32-10 under key `seed` with counter
-    (group lo, group hi, stream lo, stream hi), group = e // 4, stream = (rng_id * 2 + kind) << 32 | step.
-    Returned as int64 values in [0, 2**32)."""
+def adam_random_bits(seed: int, rng_id: int, step: int, numel: int) -> torch.Tensor:
+    """The 16 random bits of each element of a tensor for FusedAdam's stochastic rounding (kernels/adam.h):
+    element e takes half e % 2 (low, high) of word (e // 2) % 4 of Philox4x32-10 under key `seed` with counter
+    (group lo, group hi, stream lo, stream hi), group = e // 8, stream = rng_id << 32 | step.
+    Returned as int64 values in [0, 2**16)."""
     import numpy as np
 
-    groups = np.arange((numel + 3) // 4, dtype=np.uint64)
-    stream = ((rng_id * 2 + kind) << 32) | step
+    groups = np.arange((numel + 7) // 8, dtype=np.uint64)
+    stream = (rng_id << 32) | step
     counters = np.stack([groups & np.uint64(0xFFFFFFFF), groups >> np.uint64(32),
                          np.full_like(groups, stream & 0xFFFFFFFF), np.full_like(groups, stream >> 32)], axis=1)
-    words = _philox4x32_10(seed, counters.astype(np.uint32)).reshape(-1)[:numel]
-    return torch.from_numpy(words.astype(np.int64))
+    words = _philox4x32_10(seed, counters.astype(np.uint32)).reshape(-1)  # word w covers elements 2w, 2w + 1
+    halves = np.stack([words & 0xFFFF, words >> 16], axis=1).reshape(-1)[:numel]
+    return torch.from_numpy(halves.astype(np.int64))
 
 
 def bf16_stochastic_round(x: torch.Tensor, random16: torch.Tensor) -> torch.Tensor:
