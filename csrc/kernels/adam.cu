@@ -201,8 +201,14 @@ FUSEDOPS_DEVICE void adam_update_range(const AdamConfig& cfg, const AdamScalars&
     uint32_t bits[4] = {0, 0, 0, 0};
     if (kStochasticState || kStochasticParam) {
       const Philox4 r = philox_group(cfg.seed, stream, static_cast<uint64_t>(e) / 8);
-#pragma unroll
-      for (int i = 0; i < 4; ++i) bits[i] = adam_random16(r, static_cast<uint64_t>(e + i));
+      // adam_random16 for e .. e + 3, with the word picked by a select (an indexed pick would put r in
+      // local memory).
+      const bool upper = (e & 4) != 0;
+      const uint32_t first = upper ? r.x[2] : r.x[0], second = upper ? r.x[3] : r.x[1];
+      bits[0] = first & 0xffffu;
+      bits[1] = first >> 16;
+      bits[2] = second & 0xffffu;
+      bits[3] = second >> 16;
     }
     if (kMaster) store4(master, e, n, vec, p, false, bits);
     store4(param, e, n, vec, p, kStochasticParam, bits);
