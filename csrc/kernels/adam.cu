@@ -17,7 +17,9 @@
 // CUDA's threadFenceReduction sample). found_inf skips the whole launch, counters included.
 //
 // Limits. A tensor never spans launches; a group launches more than once only when its addresses do not fit
-// the parameters (about 400-540 tensors per launch). The stochastic rounding bits come from Philox
+// the parameters (about 400-540 tensors per launch; groups of up to 16 tensors use a 1-2 KB list instead, as a
+// launch copies the whole parameter block). Launches sharing a ticket counter must not run concurrently
+// (one optimizer steps on one stream). The stochastic rounding bits come from Philox
 // (common/philox.h), one call per 8 elements, so the CPU kernel, the emulator and the GPU round
 // identically.
 //
@@ -31,7 +33,7 @@ namespace fusedops::FUSEDOPS_BACKEND {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int kElemsPerThread = 4;  // one Philox group, one vector load
+constexpr int kElemsPerThread = 4;  // one vector load per array; half a Philox group
 constexpr int64_t kChunk = kThreads * kElemsPerThread * 16;
 constexpr int kBlocksPerSm = 8;
 constexpr size_t kMaxParamBytes = 32764;

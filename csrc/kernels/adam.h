@@ -175,15 +175,15 @@ FUSEDOPS_ADAM_HD uint16_t adam_bf16_stochastic_bits(uint32_t x, uint32_t random1
   return static_cast<uint16_t>((x + (random16 & 0xffffu)) >> 16);
 }
 
-// Tensors per launch of the CUDA kernel (its parameters hold their addresses), for the binding's tests.
+// The CUDA kernel (and its emulated build). ticket: one zero-initialized unsigned in device memory, left
+// zero (the blocks of a launch count themselves on it so that the last one advances the step counters).
+// adam_tensors_per_launch: how many tensors one launch holds (more are launched in turns).
 namespace cuda {
 void adam_step(const AdamConfig& config, const AdamTensor* tensors, int64_t count, unsigned* ticket,
                cudaStream_t stream);
 int adam_tensors_per_launch(const AdamConfig& config);
 }  // namespace cuda
 namespace emu {
-// ticket: one zero-initialized unsigned in device memory, left zero (the blocks of a launch count
-// themselves on it so that the last one advances the step counters).
 void adam_step(const AdamConfig& config, const AdamTensor* tensors, int64_t count, unsigned* ticket,
                cudaStream_t stream);
 int adam_tensors_per_launch(const AdamConfig& config);
