@@ -337,6 +337,25 @@ def test_stochastic_rounding_bits_match_reference(backend, device):
             assert not torch.equal(st["exp_avg"].cpu(), m.to(torch.bfloat16))
 
 
+@pytest.mark.parametrize("options", [{}, dict(stochastic_rounding=True, state_dtype=torch.bfloat16)],
+                         ids=["nearest", "stochastic"])
+def test_nan_gradient_propagates(backend, device, options):
+    """A NaN gradient element makes that param and its moments NaN (as in torch), never a finite value or
+    an inf; the other elements are unaffected."""
+    p = make_params([(4097,)], device, torch.bfloat16)[0]
+    g = random_grad(p, 1.0)
+    g[5] = float("nan")
+    g[4096] = float("nan")
+    p.grad = g
+    opt = FusedAdam([p], lr=1e-2, amsgrad=True, **options)
+    opt.step()
+    nan = torch.zeros(4097, dtype=torch.bool)
+    nan[[5, 4096]] = True
+    for t in (p.detach(), opt.state[p]["exp_avg"], opt.state[p]["exp_avg_sq"], opt.state[p]["max_exp_avg_sq"]):
+        assert torch.equal(t.isnan().cpu(), nan)
+        assert torch.isfinite(t[~nan.to(t.device)]).all()
+
+
 # ---- bf16 moments ----------------------------------------------------------------------------------------------
 
 def test_bf16_moments(backend, device):

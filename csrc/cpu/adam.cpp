@@ -213,10 +213,10 @@ inline vuint random_lanes(const vuint (&words)[4], int q) {
 // ---- loads and stores ----------------------------------------------------------------------------------------
 inline void store_stochastic(bf16_t* p, vfloat v, vuint random16) {
   const vuint u = as_uint(v);
+  // A NaN gets no random increment (which could carry it into ±inf or the sign bit) and its quiet bit set.
   const vuint is_nan = (u & 0x7fffffffu) > 0x7f800000u;
-  const vuint rounded = (u + random16) >> 16;  // random16 < 2^16
-  const vuint quiet = (u >> 16) | 0x40u;
-  const vhalfbits h = __builtin_convertvector((rounded & ~is_nan) | (quiet & is_nan), vhalfbits);
+  const vuint bits = ((u + (random16 & ~is_nan)) >> 16) | (is_nan & 0x40u);  // random16 < 2^16
+  const vhalfbits h = __builtin_convertvector(bits, vhalfbits);
   std::memcpy(p, &h, sizeof h);
 }
 
