@@ -443,9 +443,9 @@ def test_noncontiguous_params_and_grads(backend, device):
 
 @pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
 def test_threads_agree(backend, device, state_dtype):
-    """Tensors of several chunks (CPU) / blocks (CUDA) split across two threads give the single-threaded
-    result bit for bit, and match torch."""
-    init = make_params([(40000,), (3,), (33000,), (16385,)], device)
+    """Enough work for the CPU kernel to split it across two threads (over a million elements) and tensors of
+    many CUDA blocks: the single-threaded result bit for bit, and torch's."""
+    init = make_params([(600000,), (3,), (500001,), (16385,)], device)
     results = []
     for threads in (1, 2):
         torch.set_num_threads(threads)
