@@ -15,7 +15,8 @@
 // Cost. With fp32 moments the step is bound by memory on x86 CPUs with AVX2. With bf16 moments it moves 20
 // bytes instead of 28, but where 32-bit vector multiplies are slow (AMD Zen 1: Philox's 20 multiplies per 8
 // elements) and the divider is narrow (one sqrt and one division per element), it becomes bound by
-// arithmetic: measured on a 2 GHz Zen 1, about 1 ns of divider and 1 ns of Philox per element and core.
+// arithmetic: measured on a 2 GHz Zen 1, about 1 ns of divider and 1 ns of Philox per element and core, 3.7 ns
+// of CPU time per parameter in all against 1.9 with fp32 moments (torch's fused Adam: 1.8).
 //
 // Limits: tensors are walked as flat arrays (the binding checks they are dense in a common layout).
 // References: see kernels/adam.cu.
