@@ -24,8 +24,6 @@
 #include <cmath>
 #include <cstdint>
 #include <exception>
-#include <mutex>
-#include <thread>
 #include <vector>
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -328,49 +326,8 @@ void update_range(const CallScalars& call, const AdamTensor& t, const AdamTensor
   }
 }
 
-// fn(first, last) over [0, chunks), split into contiguous ranges across up to torch.get_num_threads() threads.
-// fusedops::parallel_for is meant for this, but it runs serially in this build: at::parallel_for's OpenMP
-// backend is inline code (#pragma omp parallel) that needs -fopenmp where it is compiled, and
-// csrc/binding/parallel.cpp is not. Until that is fixed, a large step starts threads of its own (~50 µs each,
-// so only for work of a millisecond or more per thread); they inherit the caller's MXCSR (flush-to-zero and
-// denormals-are-zero), so every chunk rounds the same way.
-template <class F>
-void run_chunks(int64_t chunks, const F& fn) {
-  constexpr int64_t kMinChunksPerThread = 32;  // 512K elements
-  const int64_t threads = std::min<int64_t>(parallel_threads(), chunks / kMinChunksPerThread);
-  if (threads <= 1) {
-    fn(0, chunks);
-    return;
-  }
-  const auto range = [&](int64_t t) { return std::pair<int64_t, int64_t>{chunks * t / threads, chunks * (t + 1) / threads}; };
-#if defined(__SSE2__)
-  const unsigned csr = _mm_getcsr();
-#endif
-  std::exception_ptr error;
-  std::mutex error_mutex;
-  const auto work = [&](int64_t t) {
-    try {
-      const auto [first, last] = range(t);
-      fn(first, last);
-    } catch (...) {
-      std::lock_guard<std::mutex> lock(error_mutex);
-      if (!error) error = std::current_exception();
-    }
-  };
-  std::vector<std::thread> workers;
-  workers.reserve(static_cast<size_t>(threads - 1));
-  for (int64_t t = 1; t < threads; ++t) {
-    workers.emplace_back([&, t] {
-#if defined(__SSE2__)
-      _mm_setcsr(csr);
-#endif
-      work(t);
-    });
-  }
-  work(0);
-  for (auto& w : workers) w.join();
-  if (error) std::rethrow_exception(error);
-}
+// Below this many chunks (512K elements) per thread, a parallel region costs more than it saves.
+constexpr int64_t kMinChunksPerThread = 32;
 
 template <class P, class S, bool kAmsgrad, AdamParamRounding kRounding>
 void run(const CallScalars& call, const AdamTensor* tensors, int64_t count, double lr) {
@@ -382,7 +339,7 @@ void run(const CallScalars& call, const AdamTensor* tensors, int64_t count, doub
     chunks += (tensors[i].numel + kChunk - 1) / kChunk;
     chunk_end[i] = chunks;
   }
-  run_chunks(chunks, [&](int64_t first, int64_t last) {
+  parallel_for(chunks, kMinChunksPerThread, [&](int64_t first, int64_t last) {
     int64_t tensor = std::upper_bound(chunk_end.begin(), chunk_end.end(), first) - chunk_end.begin();
     for (int64_t chunk = first; chunk < last; ++chunk) {
       while (chunk >= chunk_end[tensor]) ++tensor;
