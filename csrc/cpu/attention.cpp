@@ -53,7 +53,7 @@ namespace {
 
 constexpr float kInf = std::numeric_limits<float>::infinity();
 constexpr int64_t kFwdBr = 64;  // query rows per forward task
-constexpr int64_t kFwdBc = 64;  // keys per forward step
+constexpr int64_t kFwdBc = 128;  // keys per forward step
 constexpr int64_t kBwdBr = 64;  // query rows per backward step
 constexpr int64_t kBwdBc = 64;  // keys per backward block
 constexpr int64_t kBwdTargetTasks = 8;  // split key blocks until (batch, kv head, chunk) tasks reach this
@@ -100,32 +100,54 @@ void run_tasks(int64_t n, F&& task) {
 }
 
 // ---- vector helpers -------------------------------------------------------------------------------------
+// A float in every lane. vec.h's vbroadcast (0 + x) costs an FP add before the broadcast, because the
+// compiler may not drop +0 (it changes -0); in the microkernel's inner loop that add competes with the FMAs.
+inline vfloat splat(float x) {
+#if defined(__AVX512F__)
+  const __m512 v = _mm512_set1_ps(x);
+#elif defined(__AVX__)
+  const __m256 v = _mm256_set1_ps(x);
+#else
+  vfloat v;
+  for (int i = 0; i < kLanes; ++i) v[i] = x;
+  return v;
+#endif
+#if defined(__AVX512F__) || defined(__AVX__)
+  vfloat r;
+  std::memcpy(&r, &v, sizeof r);
+  return r;
+#endif
+}
+
 inline vint iota_int() {
   vint v;
   for (int i = 0; i < kLanes; ++i) v[i] = i;
   return v;
 }
 
-// e^x for the softmax, where x <= 0 or -inf (finite scores minus their running max, or minus the lse):
-// Cephes' polynomial as in vec.h's vexp, without its overflow and subnormal handling, which these inputs
-// never need. x < -87 gives exactly 0 (so masked scores contribute nothing); NaN stays NaN.
-inline vfloat exp_nonpos(vfloat x) {
-  const vfloat xc = vmax(vbroadcast(-87.0f), x);  // NaN passes through (vmax picks its second operand)
-  const vfloat t = xc * 1.44269504088896341f;
-  const vfloat n = __builtin_convertvector(__builtin_convertvector(t - 0.5f, vint), vfloat);  // floor(t + .5) for t <= 0.5
-  const vfloat r = (xc - n * 0.693359375f) - n * -2.12194440e-4f;
-  const vfloat z = r * r;
-  vfloat p = vbroadcast(1.9875691500e-4f);
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * z + r + 1.0f;
-  const vint e = __builtin_convertvector(n, vint) << 23;
-  const vfloat result = as_float(as_uint(p) + (vuint)e);
-  return x < -87.0f ? vbroadcast(0.0f) : result;
+// 2^y for the softmax, where y <= ~0 or -inf (scores in log2 units minus their running max or the lse):
+// y = n + r with n = round(y) by the 1.5·2^23 trick (whose bits also hold n, ready to become the exponent),
+// 2^r on [-1/2, 1/2] by a degree-6 polynomial fitted for relative error (~1.6 ulp), 2^n added into the
+// exponent field. y < -126 gives exactly 0 (masked scores contribute nothing); NaN stays NaN. Leaner than
+// vec.h's vexp (no clamping, subnormal or overflow handling, which these inputs never need): the softmax
+// is the part of attention that is not a matmul.
+inline vfloat exp2_softmax(vfloat y) {
+  const float magic = 12582912.0f;  // 1.5 · 2^23
+  const vfloat kn = y + magic;
+  const vfloat r = y - (kn - magic);
+  vfloat p = splat(1.5084314509294927e-4f);
+  p = p * r + 1.339555368758738e-3f;
+  p = p * r + 9.61942970752716e-3f;
+  p = p * r + 5.5503420531749725e-2f;
+  p = p * r + 2.402263879776001e-1f;
+  p = p * r + 6.931471824645996e-1f;
+  p = p * r + 1.0f;
+  const vfloat result = as_float(as_uint(p) + (as_uint(kn) << 23));
+  return y < -126.0f ? splat(0.0f) : result;
 }
+
+constexpr float kLog2e = 1.44269504088896341f;
+constexpr float kLn2 = 0.693147180559945309f;
 
 // ---- the microkernel ------------------------------------------------------------------------------------
 // C[m][n] = (accumulate ? row_scale[m]·C[m][n] : 0) + sum_k A(m, k)·B[k][n]  for m < MR, n < NV·kLanes,
@@ -150,7 +172,7 @@ inline void micro(int64_t K, const float* __restrict a, int64_t am, int64_t ak, 
     for (int v = 0; v < NV; ++v) bv[v] = load(b + v * kLanes);
     b += ldb;
     for (int m = 0; m < MR; ++m) {
-      const vfloat x = vbroadcast(*ap[m]);
+      const vfloat x = splat(*ap[m]);
       ap[m] += ak;
       for (int v = 0; v < NV; ++v) acc[m][v] = x * bv[v] + acc[m][v];
     }
@@ -393,16 +415,18 @@ Mods mods_of(const AttentionForwardParams& p, const Seq& s, int64_t b, int64_t h
 }
 
 // Turns a tile of scale·q·k (rows i0.., keys j0..) into final scores in place: softcap, ALiBi, additive
-// mask, then -inf outside the window (if `window`) or where a boolean mask is false. The tile is
-// s[o·ld + c], its lanes (c) running over query rows when `lanes_are_rows` (the forward's Sᵀ) or over
-// keys (the backward's S); padded lanes beyond the valid count are processed too, never read back.
-// With softcap, dsoft receives d(score)/d(scale·q·k) = 1 - tanh² in the same layout.
+// mask, then -inf outside the window (if `window`) or where a boolean mask is false. Scores are held in
+// units of `unit` (log2(e) when the caller works in the exp2 domain, else 1). The tile is s[o·ld + c], its
+// lanes (c) running over query rows when `lanes_are_rows` (the forward's Sᵀ) or over keys (the backward's
+// S); padded lanes beyond the valid count are processed too, never read back. With softcap, dsoft
+// receives d(score)/d(scale·q·k) = 1 - tanh² in the same layout.
 void apply_mods(float* s, int64_t ld, bool lanes_are_rows, int64_t i0, int64_t ni, int64_t j0, int64_t nj,
-                const Mods& md, bool window, float* dsoft) {
+                const Mods& md, bool window, float unit, float* dsoft) {
   const int64_t n_outer = lanes_are_rows ? nj : ni, n_inner = lanes_are_rows ? ni : nj;
   const int64_t inner_p = round_up(n_inner, kLanes);
   const vint lane = iota_int();
   const int64_t wl = md.win.left, wr = md.win.right;
+  const float cap = md.softcap * unit, inv_cap = md.softcap > 0 ? 1.0f / cap : 0.0f, slope = md.slope * unit;
   if (md.softcap > 0 || md.alibi || window) {
     for (int64_t o = 0; o < n_outer; ++o) {
       float* row = s + o * ld;
@@ -412,13 +436,13 @@ void apply_mods(float* s, int64_t ld, bool lanes_are_rows, int64_t i0, int64_t n
         vfloat x = load(row + c);
         const vint d = lanes_are_rows ? static_cast<int32_t>(d0 - c) - lane : static_cast<int32_t>(d0 + c) + lane;
         if (md.softcap > 0) {
-          const vfloat t = vtanh(x * md.inv_softcap);
-          x = t * md.softcap;
+          const vfloat t = vtanh(x * inv_cap);
+          x = t * cap;
           if (dsoft != nullptr) store(dsoft + o * ld + c, 1.0f - t * t);
         }
         if (md.alibi) {
           const vint ad = d < 0 ? -d : d;
-          x = x - __builtin_convertvector(ad, vfloat) * md.slope;
+          x = x - __builtin_convertvector(ad, vfloat) * slope;
         }
         if (window) {
           vint visible = ~vint{};
@@ -438,7 +462,7 @@ void apply_mods(float* s, int64_t ld, bool lanes_are_rows, int64_t i0, int64_t n
       if (md.mask_kind == AttentionMask::boolean) {
         if (md.mask[i * md.mask_si + j * md.mask_sj] == 0) row[c] = -kInf;
       } else {
-        row[c] += md.mask_value(i, j);
+        row[c] += md.mask_value(i, j) * unit;
       }
     }
   }
@@ -481,7 +505,8 @@ void forward_task(const AttentionForwardParams& p, const FwdTask& task, FwdScrat
 
   if (jlo < jhi) {
     float* QT = w.qt.get(E * Brp);
-    pack_transposed(at3<const T>(p.q, p.q_stride, b, h, sq.row_q + i0), p.q_stride[2], rows, E, p.scale, QT, Brp,
+    // Scores in log2 units: the softmax then runs on exp2 (FlashAttention's trick), lse converts back.
+    pack_transposed(at3<const T>(p.q, p.q_stride, b, h, sq.row_q + i0), p.q_stride[2], rows, E, p.scale * kLog2e, QT, Brp,
                     w.line.get(round_up(std::max(E, Ev), kLanes)));
     float* ST = w.st.get(kFwdBc * Brp);
     // fp32 rows with unit stride are used in place: K as the broadcast operand, V when no padding is needed.
@@ -507,7 +532,7 @@ void forward_task(const AttentionForwardParams& p, const FwdTask& task, FwdScrat
       // Sᵀ (cols × rows) = K · (scale·Q)ᵀ
       gemm(cols, Brp, E, A, lda, 1, QT, Brp, ST, Brp, nullptr, false);
       const bool cut = md.win.cuts(i0, rows, j0, cols);
-      if (md.any_elementwise() || cut) apply_mods(ST, Brp, true, i0, rows, j0, cols, md, cut, nullptr);
+      if (md.any_elementwise() || cut) apply_mods(ST, Brp, true, i0, rows, j0, cols, md, cut, kLog2e, nullptr);
 
       // Online softmax, kLanes query rows per vector.
       for (int64_t c = 0; c < Brp; c += kLanes) {
@@ -515,10 +540,10 @@ void forward_task(const AttentionForwardParams& p, const FwdTask& task, FwdScrat
         vfloat mx = m_old;
         for (int64_t jj = 0; jj < cols; ++jj) mx = vmax(load(ST + jj * Brp + c), mx);
         const vfloat m_safe = mx == -kInf ? vbroadcast(0.0f) : mx;
-        const vfloat a = exp_nonpos(m_old - m_safe);
+        const vfloat a = exp2_softmax(m_old - m_safe);
         vfloat sum = vbroadcast(0.0f);
         for (int64_t jj = 0; jj < cols; ++jj) {
-          const vfloat e = exp_nonpos(load(ST + jj * Brp + c) - m_safe);
+          const vfloat e = exp2_softmax(load(ST + jj * Brp + c) - m_safe);
           store(ST + jj * Brp + c, e);
           sum += e;
         }
@@ -553,25 +578,34 @@ void forward_task(const AttentionForwardParams& p, const FwdTask& task, FwdScrat
   for (int64_t ii = 0; ii < rows; ++ii) {
     const bool any = l[ii] > 0;
     inv_l[ii] = any ? 1.0f / l[ii] : 0.0f;
-    lse[ii * p.lse_stride[2]] = any ? m[ii] + std::log(l[ii]) : -kInf;
+    lse[ii * p.lse_stride[2]] = any ? m[ii] * kLn2 + std::log(l[ii]) : -kInf;
     store_row(O + ii * Evp, Ev, inv_l[ii], at3<T>(p.o, p.o_stride, b, h, sq.row_q + i0 + ii));
   }
 }
 
 template <class T>
 void forward_f32(const AttentionForwardParams& p) {
+  // Head by head, so that consecutive tasks (on all threads) read the same K and V while they are in
+  // cache; within a head the largest blocks (causal/windowed) first, so the small ones even out the end.
   std::vector<FwdTask> tasks;
   for (int64_t b = 0; b < p.batch; ++b) {
     const Seq sq = sequence(p, b);
     const Window win = window_of(p, sq);
+    const size_t first = tasks.size();
     for (int64_t i0 = 0; i0 < sq.len_q; i0 += kFwdBr) {
       const int64_t rows = std::min(kFwdBr, sq.len_q - i0);
-      const int64_t cost = rows * std::max<int64_t>(1, win.key_hi(i0 + rows - 1) - win.key_lo(i0));
-      for (int64_t h = 0; h < p.heads_q; ++h) tasks.push_back({b, h, i0, cost});
+      tasks.push_back({b, 0, i0, rows * std::max<int64_t>(1, win.key_hi(i0 + rows - 1) - win.key_lo(i0))});
     }
+    std::stable_sort(tasks.begin() + first, tasks.end(),
+                     [](const FwdTask& x, const FwdTask& y) { return x.cost > y.cost; });
+    const size_t blocks = tasks.size() - first;
+    for (int64_t h = 1; h < p.heads_q; ++h)
+      for (size_t t = 0; t < blocks; ++t) {
+        FwdTask task = tasks[first + t];
+        task.h = h;
+        tasks.push_back(task);
+      }
   }
-  // Largest first: with dynamic hand-out this balances causal and windowed work across threads.
-  std::stable_sort(tasks.begin(), tasks.end(), [](const FwdTask& x, const FwdTask& y) { return x.cost > y.cost; });
   run_tasks<FwdScratch>(static_cast<int64_t>(tasks.size()),
                         [&](int64_t t, FwdScratch& w) { forward_task<T>(p, tasks[t], w); });
 }
@@ -622,6 +656,10 @@ void backward_task(const AttentionBackwardParams& bp, const BwdTask& task, const
   const bool dropout = p.dropout_p > 0;
   const uint32_t threshold = dropout_threshold(p.dropout_p);
   const float keep_scale = dropout ? 1.0f / (1.0f - p.dropout_p) : 1.0f;
+  // fp32 rows that need no padding are read in place (as matmul operands) instead of copied.
+  constexpr bool f32 = std::is_same<T, float>::value;
+  const bool q_in_place = f32 && E % kLanes == 0, k_in_place = q_in_place;
+  const bool do_in_place = f32 && Ev % kLanes == 0;
 
   for (int64_t kt = task.kt_begin; kt < task.kt_end; ++kt) {
     const int64_t j0 = kt * kBwdBc, cols = std::min(kBwdBc, sq.len_kv - j0);
@@ -629,7 +667,14 @@ void backward_task(const AttentionBackwardParams& bp, const BwdTask& task, const
     const T* vp = at3<const T>(p.v, p.v_stride, b, g, sq.row_k + j0);
     pack_transposed(kp, p.k_stride[2], cols, E, 1.0f, KT, Bcp, line);
     pack_transposed(vp, p.v_stride[2], cols, Ev, 1.0f, VT, Bcp, line);
-    for (int64_t jj = 0; jj < cols; ++jj) load_row(kp + jj * p.k_stride[2], E, 1.0f, Kr + jj * Ep, Ep);
+    const float* Kb = Kr;
+    int64_t ldk = Ep;
+    if (k_in_place) {
+      Kb = reinterpret_cast<const float*>(kp);
+      ldk = p.k_stride[2];
+    } else {
+      for (int64_t jj = 0; jj < cols; ++jj) load_row(kp + jj * p.k_stride[2], E, 1.0f, Kr + jj * Ep, Ep);
+    }
     std::memset(dK, 0, sizeof(float) * cols * Ep);
     std::memset(dV, 0, sizeof(float) * cols * Evp);
 
@@ -642,24 +687,34 @@ void backward_task(const AttentionBackwardParams& bp, const BwdTask& task, const
       float* dQh = dQ + hh * sq.len_q * Ep;
       for (int64_t i0 = ilo; i0 < ihi; i0 += kBwdBr) {
         const int64_t rows = std::min(kBwdBr, ihi - i0);
+        const T* q_rows = at3<const T>(p.q, p.q_stride, b, h, sq.row_q + i0);
+        const T* do_rows = at3<const T>(bp.dout, bp.dout_stride, b, h, sq.row_q + i0);
+        const float* Qb = q_in_place ? reinterpret_cast<const float*>(q_rows) : Q;
+        const float* dOb = do_in_place ? reinterpret_cast<const float*>(do_rows) : dO;
+        const int64_t ldq = q_in_place ? p.q_stride[2] : Ep, lddo = do_in_place ? bp.dout_stride[2] : Evp;
         for (int64_t ii = 0; ii < rows; ++ii) {
           const int64_t row = sq.row_q + i0 + ii;
-          load_row(at3<const T>(p.q, p.q_stride, b, h, row), E, 1.0f, Q + ii * Ep, Ep);
-          load_row(at3<const T>(bp.dout, bp.dout_stride, b, h, row), Ev, 1.0f, dO + ii * Evp, Evp);
+          if (!q_in_place) load_row(q_rows + ii * p.q_stride[2], E, 1.0f, Q + ii * Ep, Ep);
+          if (!do_in_place) load_row(do_rows + ii * bp.dout_stride[2], Ev, 1.0f, dO + ii * Evp, Evp);
           const float lse = *at3<const float>(p.lse, p.lse_stride, b, h, row);
-          lse_row[ii] = lse == -kInf ? kInf : lse;  // rows that saw no key: P = 0
+          lse_row[ii] = lse == -kInf ? kInf : lse * kLog2e;  // rows that saw no key: P = 0
           D_row[ii] = Dsum[row_index(p, sq, total_q, b, h, i0 + ii)];
         }
-        // S (rows × keys) = Q · Kᵀ, then scores and P = exp(s - lse).
-        gemm(rows, Bcp, E, Q, Ep, 1, KT, Bcp, S, Bcp, nullptr, false);
+        // S (rows × keys) = Q · Kᵀ, then the scores (log2 units) and P = 2^(s - lse).
+        gemm(rows, Bcp, E, Qb, ldq, 1, KT, Bcp, S, Bcp, nullptr, false);
         const bool cut = win.cuts(i0, rows, j0, cols);
-        for (int64_t ii = 0; ii < rows; ++ii)
-          for (int64_t c = 0; c < Bcp; c += kLanes) store(S + ii * Bcp + c, load(S + ii * Bcp + c) * scale);
-        if (md.any_elementwise() || cut) apply_mods(S, Bcp, false, i0, rows, j0, cols, md, cut, dsoft);
+        const bool mods = md.any_elementwise() || cut;
+        const float to_log2 = scale * kLog2e;
+        if (mods) {
+          for (int64_t ii = 0; ii < rows; ++ii)
+            for (int64_t c = 0; c < Bcp; c += kLanes) store(S + ii * Bcp + c, load(S + ii * Bcp + c) * to_log2);
+          apply_mods(S, Bcp, false, i0, rows, j0, cols, md, cut, kLog2e, dsoft);
+        }
+        const float pre = mods ? 1.0f : to_log2;
         for (int64_t ii = 0; ii < rows; ++ii) {
-          const vfloat ls = vbroadcast(lse_row[ii]);
+          const vfloat ls = splat(lse_row[ii]);
           float* srow = S + ii * Bcp;
-          for (int64_t c = 0; c < Bcp; c += kLanes) store(srow + c, exp_nonpos(load(srow + c) - ls));
+          for (int64_t c = 0; c < Bcp; c += kLanes) store(srow + c, exp2_softmax(load(srow + c) * pre - ls));
         }
         const float* Pd = S;
         if (dropout) {
@@ -671,7 +726,7 @@ void backward_task(const AttentionBackwardParams& bp, const BwdTask& task, const
           Pd = PD;  // holds the factors until P∘f is formed below, after dP needs them
         }
         // dP (rows × keys) = dO · Vᵀ
-        gemm(rows, Bcp, Ev, dO, Evp, 1, VT, Bcp, DP, Bcp, nullptr, false);
+        gemm(rows, Bcp, Ev, dOb, lddo, 1, VT, Bcp, DP, Bcp, nullptr, false);
         // dS = P ∘ (dP ∘ f - D) [∘ softcap'], written over dP; P ∘ f over the factors.
         for (int64_t ii = 0; ii < rows; ++ii) {
           const vfloat Di = vbroadcast(D_row[ii]);
@@ -692,9 +747,9 @@ void backward_task(const AttentionBackwardParams& bp, const BwdTask& task, const
           }
         }
         // dV (keys × Ev) += (P∘f)ᵀ · dO;  dK (keys × E) += dSᵀ · Q;  dQ (rows × E) += dS · K
-        gemm(cols, Evp, rows, Pd, 1, Bcp, dO, Evp, dV, Evp, nullptr, true);
-        gemm(cols, Ep, rows, DP, 1, Bcp, Q, Ep, dK, Ep, nullptr, true);
-        gemm(rows, Ep, cols, DP, Bcp, 1, Kr, Ep, dQh + i0 * Ep, Ep, nullptr, true);
+        gemm(cols, Evp, rows, Pd, 1, Bcp, dOb, lddo, dV, Evp, nullptr, true);
+        gemm(cols, Ep, rows, DP, 1, Bcp, Qb, ldq, dK, Ep, nullptr, true);
+        gemm(rows, Ep, cols, DP, Bcp, 1, Kb, ldk, dQh + i0 * Ep, Ep, nullptr, true);
       }
     }
     for (int64_t jj = 0; jj < cols; ++jj) {
