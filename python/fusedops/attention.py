@@ -113,7 +113,8 @@ def _additive_mask_grad(grad_out, q, k, v, out, lse, attn_mask, alibi_slopes, ma
     if dropout_p > 0:
         from . import reference
 
-        streams = torch.arange(B * Hq * max_seqlen_q, dtype=torch.int64).view(B, Hq, max_seqlen_q)[:, :, :L]
+        # masks come without varlen, so every sequence has L rows
+        streams = torch.arange(B * Hq * L, dtype=torch.int64).view(B, Hq, L)
         keep = reference.dropout_keep(dropout_seed, streams, S, dropout_p).to(q.device)
         dp = dp * keep / (1.0 - float(torch.tensor(dropout_p, dtype=torch.float32)))
     D = (dout * out.to(ct)).sum(-1, keepdim=True)
@@ -131,20 +132,22 @@ def _check_tensor(t, name: str, fn: str, min_dim: int = 0) -> None:
         raise ValueError(f"fusedops.{fn}: {name} must have at least {min_dim} dims, got shape {tuple(t.shape)}")
 
 
-def _check_qkv(q, k, v, fn: str, min_dim: int) -> None:
-    for t, name in ((q, "query"), (k, "key"), (v, "value")):
+def _check_qkv(q, k, v, fn: str, min_dim: int, names=("q", "k", "v"), seq_dim: int = -2) -> None:
+    """Types, dtypes, devices, head dims, and that k and v have the same positions (dim seq_dim)."""
+    nq, nk, nv = names
+    for t, name in ((q, nq), (k, nk), (v, nv)):
         _check_tensor(t, name, fn, min_dim)
     if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"fusedops.{fn}: query, key and value must have the same dtype, got {q.dtype}, {k.dtype} "
+        raise TypeError(f"fusedops.{fn}: {nq}, {nk} and {nv} must have the same dtype, got {q.dtype}, {k.dtype} "
                         f"and {v.dtype}")
     if not (q.device == k.device == v.device):
-        raise ValueError(f"fusedops.{fn}: query, key and value must be on the same device, got {q.device}, "
+        raise ValueError(f"fusedops.{fn}: {nq}, {nk} and {nv} must be on the same device, got {q.device}, "
                          f"{k.device} and {v.device}")
     if k.shape[-1] != q.shape[-1]:
-        raise ValueError(f"fusedops.{fn}: key's head dim ({k.shape[-1]}) must equal query's ({q.shape[-1]})")
-    if k.shape[-2] != v.shape[-2]:
-        raise ValueError(f"fusedops.{fn}: key and value must have the same number of positions, got key shape "
-                         f"{tuple(k.shape)} and value shape {tuple(v.shape)}")
+        raise ValueError(f"fusedops.{fn}: {nk}'s head dim ({k.shape[-1]}) must equal {nq}'s ({q.shape[-1]})")
+    if k.shape[seq_dim] != v.shape[seq_dim]:
+        raise ValueError(f"fusedops.{fn}: {nk} and {nv} must have the same number of positions, got {nk} shape "
+                         f"{tuple(k.shape)} and {nv} shape {tuple(v.shape)}")
 
 
 def _resolve_scale(scale, head_dim: int, fn: str) -> float:
@@ -253,7 +256,7 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
     dim is contiguous (e.g. a (B, S, H, D) tensor transposed to (B, H, S, D)).
     """
     fn = "scaled_dot_product_attention"
-    _check_qkv(query, key, value, fn, 2)
+    _check_qkv(query, key, value, fn, 2, ("query", "key", "value"))
     dropout_p = _check_dropout(dropout_p, fn)
     L, S, E = query.shape[-2], key.shape[-2], query.shape[-1]
     qb, kb, vb = tuple(query.shape[:-2]), tuple(key.shape[:-2]), tuple(value.shape[:-2])
@@ -393,7 +396,7 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     (b · Hq + h) · max_seqlen_q + i, so the same dropout mask needs the same max_seqlen_q.
     """
     fn = "attention_varlen"
-    _check_qkv(q, k, v, fn, 3)
+    _check_qkv(q, k, v, fn, 3, seq_dim=0)
     for t, name in ((q, "q"), (k, "k"), (v, "v")):
         if t.dim() != 3:
             raise ValueError(f"fusedops.{fn}: {name} must be (total, heads, head_dim), got shape {tuple(t.shape)}")

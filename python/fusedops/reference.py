@@ -74,6 +74,8 @@ def _safe_softmax(s: torch.Tensor, visible: torch.Tensor) -> tuple[torch.Tensor,
     """softmax over the visible entries of the last dim, and its logsumexp; rows with nothing visible (or only
     -inf scores) give p = 0 and lse = -inf rather than NaN."""
     s = s.masked_fill(~visible, float("-inf"))
+    if s.shape[-1] == 0:  # no keys at all
+        return s.new_zeros(s.shape), s.new_full(s.shape[:-1], float("-inf"))
     m = s.amax(dim=-1, keepdim=True).detach()
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
     e = torch.exp(s - m)
