@@ -23,16 +23,23 @@
 //    (group heads × rows × head_dim) and one float per query row (rowsum(dO∘O)): never O(L·S).
 //  * float64 takes a simple scalar path (it exists for torch.autograd.gradcheck, not for speed).
 // Limits: head dims of any size; lengths up to 2^31.
+#include <unistd.h>
+
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <condition_variable>
+#include <exception>
+#include <functional>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <memory>
 #include <new>
+#include <mutex>
 #include <stdexcept>
+#include <thread>
 #include <type_traits>
 #include <vector>
 
@@ -85,15 +92,138 @@ class Buffer {
   int64_t capacity_ = 0;
 };
 
-// Runs task(t, scratch) for t in [0, n) on the thread pool, handing tasks out dynamically (causal and
-// windowed tasks differ in cost); each worker gets its own Scratch. Results never depend on which
-// worker ran a task.
+// ---- threads ------------------------------------------------------------------------------------------
+// fusedops::parallel_for is the project's hook onto ATen's thread pool. ATen's parallel_for is a header
+// template whose OpenMP pragma compiles into the caller, so where the binding is built without OpenMP it
+// quietly runs on one thread. We probe for that once and, if so, fall back to a small pool of our own
+// (as many threads as parallel_threads(), i.e. torch.get_num_threads()).
+class WorkerPool {
+ public:
+  // Calls fn(w) for w in [0, workers) on `workers` threads (the caller is worker 0); rethrows the first
+  // exception. A call that finds the pool busy (another thread inside an op) runs serially instead.
+  void run(int workers, const std::function<void(int)>& fn) {
+    std::unique_lock<std::mutex> busy(busy_, std::try_to_lock);
+    if (!busy.owns_lock() || workers <= 1) {
+      for (int w = 0; w < workers; ++w) fn(w);
+      return;
+    }
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      while (static_cast<int>(threads_.size()) < workers - 1) {
+        const int index = static_cast<int>(threads_.size()) + 1;
+        threads_.emplace_back([this, index] { worker(index); });
+        threads_.back().detach();
+      }
+      job_ = &fn;
+      active_ = workers;
+      pending_ = workers - 1;
+      error_ = nullptr;
+      ++generation_;
+    }
+    wake_.notify_all();
+    call(0);
+    std::unique_lock<std::mutex> lock(mutex_);
+    done_.wait(lock, [this] { return pending_ == 0; });
+    job_ = nullptr;
+    if (error_) std::rethrow_exception(error_);
+  }
+
+  static WorkerPool& instance() {
+    // Never destroyed (detached workers may outlive static destruction); rebuilt in a forked child,
+    // which inherits the pool's memory but not its threads.
+    static std::atomic<WorkerPool*> pool{nullptr};
+    static std::atomic<long> owner{0};
+    const long pid = static_cast<long>(getpid());
+    if (pool.load() == nullptr || owner.load() != pid) {
+      static std::mutex create;
+      std::lock_guard<std::mutex> lock(create);
+      if (pool.load() == nullptr || owner.load() != pid) {
+        pool.store(new WorkerPool());
+        owner.store(pid);
+      }
+    }
+    return *pool.load();
+  }
+
+ private:
+  void call(int index) {
+    try {
+      (*job_)(index);
+    } catch (...) {
+      std::lock_guard<std::mutex> lock(mutex_);
+      if (!error_) error_ = std::current_exception();
+    }
+  }
+
+  void worker(int index) {
+    uint64_t seen = 0;
+    for (;;) {
+      {
+        std::unique_lock<std::mutex> lock(mutex_);
+        wake_.wait(lock, [&] { return generation_ != seen; });
+        seen = generation_;
+        if (index >= active_) continue;
+      }
+      call(index);
+      std::lock_guard<std::mutex> lock(mutex_);
+      if (--pending_ == 0) done_.notify_one();
+    }
+  }
+
+  std::mutex busy_, mutex_;
+  std::condition_variable wake_, done_;
+  std::vector<std::thread> threads_;
+  const std::function<void(int)>* job_ = nullptr;
+  int active_ = 0, pending_ = 0;
+  uint64_t generation_ = 0;
+  std::exception_ptr error_;
+};
+
+// Whether fusedops::parallel_for really spreads work over threads (see above).
+bool hook_is_parallel() {
+  static std::atomic<int> state{0};  // 0: not probed yet, 1: parallel, 2: serial
+  if (state.load() == 0 && parallel_threads() > 1) {
+    std::atomic<int> chunks{0};
+    parallel_for(2, 1, [&](int64_t, int64_t) { chunks.fetch_add(1); });
+    state.store(chunks.load() > 1 ? 1 : 2);
+  }
+  return state.load() == 1;
+}
+
+// Calls body(worker) on `workers` threads.
+template <class F>
+void on_workers(int64_t workers, F&& body) {
+  if (workers <= 1) {
+    body(0);
+  } else if (hook_is_parallel()) {
+    parallel_for(workers, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t w = begin; w < end; ++w) body(w);
+    });
+  } else {
+    WorkerPool::instance().run(static_cast<int>(workers), [&](int w) { body(w); });
+  }
+}
+
+// f(begin, end) over [0, n) in contiguous chunks of at least `grain`, spread over the threads.
+template <class F>
+void parallel_range(int64_t n, int64_t grain, F&& f) {
+  if (n <= 0) return;
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(parallel_threads(), div_up(n, std::max<int64_t>(1, grain))));
+  const int64_t per = div_up(n, chunks);
+  on_workers(chunks, [&](int64_t w) {
+    const int64_t begin = w * per, end = std::min(n, begin + per);
+    if (begin < end) f(begin, end);
+  });
+}
+
+// Runs task(t, scratch) for t in [0, n), handing tasks out dynamically (causal and windowed tasks differ
+// in cost); each worker gets its own Scratch. Results never depend on which worker ran a task.
 template <class Scratch, class F>
 void run_tasks(int64_t n, F&& task) {
   if (n <= 0) return;
   std::atomic<int64_t> next{0};
   const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(parallel_threads(), n));
-  parallel_for(workers, 1, [&](int64_t, int64_t) {
+  on_workers(workers, [&](int64_t) {
     Scratch scratch;
     for (int64_t t = next.fetch_add(1); t < n; t = next.fetch_add(1)) task(t, scratch);
   });
@@ -773,7 +903,7 @@ void backward_f32(const AttentionBackwardParams& bp) {
 
   // rowsum(dO ∘ O) per query row.
   std::vector<float> Dsum(static_cast<size_t>(varlen ? p.heads_q * total_q : p.batch * p.heads_q * p.len_q));
-  parallel_for(p.batch * p.heads_q, 1, [&](int64_t begin, int64_t end) {
+  parallel_range(p.batch * p.heads_q, 1, [&](int64_t begin, int64_t end) {
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / p.heads_q, h = bh % p.heads_q;
       const Seq sq = sequence(p, b);
@@ -850,7 +980,7 @@ void backward_f32(const AttentionBackwardParams& bp) {
   // dQ of split pairs: the chunks' partials summed in chunk order.
   for (const Partial& part : partials) {
     const Seq sq = sequence(p, part.b);
-    parallel_for(grp * sq.len_q, 64, [&](int64_t begin, int64_t end) {
+    parallel_range(grp * sq.len_q, 64, [&](int64_t begin, int64_t end) {
       std::vector<float> acc(static_cast<size_t>(Ep));
       for (int64_t r = begin; r < end; ++r) {
         const int64_t hh = r / sq.len_q, i = r % sq.len_q;
@@ -910,7 +1040,7 @@ double dropout_factor_f64(const AttentionForwardParams& p, int64_t b, int64_t h,
 
 void forward_f64(const AttentionForwardParams& p) {
   const int64_t E = p.head_dim, Ev = p.head_dim_v, grp = p.heads_q / p.heads_kv;
-  parallel_for(p.batch * p.heads_q, 1, [&](int64_t begin, int64_t end) {
+  parallel_range(p.batch * p.heads_q, 1, [&](int64_t begin, int64_t end) {
     std::vector<double> s, acc(static_cast<size_t>(Ev));
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / p.heads_q, h = bh % p.heads_q, g = h / grp;
@@ -949,7 +1079,7 @@ void forward_f64(const AttentionForwardParams& p) {
 void backward_f64(const AttentionBackwardParams& bp) {
   const AttentionForwardParams& p = bp.fwd;
   const int64_t E = p.head_dim, Ev = p.head_dim_v, grp = p.heads_q / p.heads_kv;
-  parallel_for(p.batch * p.heads_kv, 1, [&](int64_t begin, int64_t end) {
+  parallel_range(p.batch * p.heads_kv, 1, [&](int64_t begin, int64_t end) {
     std::vector<double> dk, dv, dq(static_cast<size_t>(E));
     for (int64_t bg = begin; bg < end; ++bg) {
       const int64_t b = bg / p.heads_kv, g = bg % p.heads_kv;
