@@ -647,6 +647,15 @@ def test_op_checks_direct_calls():
         fwd(q, q, q, None, None, None, None, 0, 0, 1.0, 0.0, -1, -1, False, 0.0, 0, 7)
     with pytest.raises(ValueError, match="query must be"):
         fwd(q[0], q, q, None, None, None, None, 0, 0, 1.0, 0.0, -1, -1, False, 0.0, 0, 0)
+    # varlen offsets are checked too (the kernels trust them)
+    qv = rand(10, 2, 8)
+    cu = torch.tensor([0, 4, 10], dtype=torch.int32)
+    for bad, words in (([0, 4, 11], "rise from 0"), ([0, 6, 4, 10], "non-decreasing"), ([1, 4, 10], "rise from 0")):
+        with pytest.raises(ValueError, match=words):
+            fwd(qv, qv, qv, None, None, torch.tensor(bad, dtype=torch.int32), cu[:len(bad)] if len(bad) == 3 else
+                torch.tensor([0, 2, 4, 10], dtype=torch.int32), 10, 10, 1.0, 0.0, -1, -1, False, 0.0, 0, 0)
+    with pytest.raises(ValueError, match="max_seqlen_k = 5"):
+        fwd(qv, qv, qv, None, None, cu, cu, 10, 5, 1.0, 0.0, -1, -1, False, 0.0, 0, 0)
     out, lse = fwd(q, q, q, None, None, None, None, 0, 0, 1.0, 0.0, -1, -1, False, 0.0, 0, 0)
     bwd = torch.ops.fusedops.attention_backward
     with pytest.raises(ValueError, match="lse must have shape"):

@@ -13,6 +13,7 @@
 
 #include <cmath>
 #include <limits>
+#include <tuple>
 
 #include "binding/common.h"
 #include "kernels/attention.h"
@@ -106,6 +107,23 @@ AttentionForwardParams forward_params(const char* op, Backend b, Inputs& in, int
     }
     TORCH_CHECK_VALUE(in.cu_q.size(0) == in.cu_k.size(0), op, ": cu_seqlens_q and cu_seqlens_k must have the same length");
     TORCH_CHECK_VALUE(max_seqlen_q >= 0 && max_seqlen_k >= 0, op, ": max_seqlen_q and max_seqlen_k must be >= 0");
+    // Offsets in host memory (cpu and cuda-emulated backends) are checked here: the kernels trust them.
+    // On a GPU that would need a synchronization, so there they are the caller's responsibility.
+    if (in.cu_q.device().is_cpu()) {
+      for (auto [t, name, total, max_len, max_name] :
+           {std::tuple{&in.cu_q, "cu_seqlens_q", in.q.size(0), max_seqlen_q, "max_seqlen_q"},
+            std::tuple{&in.cu_k, "cu_seqlens_k", in.k.size(0), max_seqlen_k, "max_seqlen_k"}}) {
+        const int32_t* c = t->data_ptr<int32_t>();
+        const int64_t n = t->size(0);
+        TORCH_CHECK_VALUE(c[0] == 0 && c[n - 1] == total, op, ": ", name, " must rise from 0 to the number of packed rows (",
+                          total, "), got ", c[0], " .. ", c[n - 1]);
+        for (int64_t b = 0; b + 1 < n; ++b) {
+          TORCH_CHECK_VALUE(c[b + 1] >= c[b], op, ": ", name, " must be non-decreasing, got ", c[b], " then ", c[b + 1]);
+          TORCH_CHECK_VALUE(c[b + 1] - c[b] <= max_len, op, ": sequence ", b, " has ", c[b + 1] - c[b], " rows, more than ",
+                            max_name, " = ", max_len);
+        }
+      }
+    }
     p.batch = in.cu_q.size(0) - 1;
     p.len_q = max_seqlen_q;
     p.len_kv = max_seqlen_k;
