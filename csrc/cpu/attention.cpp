@@ -280,11 +280,19 @@ constexpr float kLog2e = 1.44269504088896341f;
 constexpr float kLn2 = 0.693147180559945309f;
 
 // ---- the microkernel ------------------------------------------------------------------------------------
-// C[m][n] = (accumulate ? row_scale[m]·C[m][n] : 0) + sum_k A(m, k)·B[k][n]  for m < MR, n < NV·kLanes,
-// with A(m, k) = a[m·am + k·ak] (so A may be read transposed) and B, C row-major.
-template <int MR, int NV>
+// An epilogue maps each finished accumulator vector (row r, columns col..col+kLanes-1 of C) to what is
+// stored, so elementwise steps that follow a matmul need no extra pass over C.
+struct NoEpilogue {
+  vfloat operator()(int64_t, int64_t, vfloat acc) const { return acc; }
+};
+
+// C[m][n] = epi((accumulate ? row_scale[m]·C[m][n] : 0) + sum_k A(m, k)·B[k][n]) for m < MR,
+// n < NV·kLanes, with A(m, k) = a[m·am + k·ak] (so A may be read transposed) and B, C row-major.
+// (row0, col0) is the block's position in C, for the epilogue.
+template <int MR, int NV, class Epi>
 inline void micro(int64_t K, const float* __restrict a, int64_t am, int64_t ak, const float* __restrict b, int64_t ldb,
-                  float* __restrict c, int64_t ldc, const float* row_scale, bool accumulate) {
+                  float* __restrict c, int64_t ldc, const float* row_scale, bool accumulate, const Epi& epi,
+                  int64_t row0, int64_t col0) {
   vfloat acc[MR][NV];
   if (accumulate) {
     for (int m = 0; m < MR; ++m) {
@@ -308,35 +316,37 @@ inline void micro(int64_t K, const float* __restrict a, int64_t am, int64_t ak, 
     }
   }
   for (int m = 0; m < MR; ++m)
-    for (int v = 0; v < NV; ++v) store(c + m * ldc + v * kLanes, acc[m][v]);
+    for (int v = 0; v < NV; ++v) store(c + m * ldc + v * kLanes, epi(row0 + m, col0 + v * kLanes, acc[m][v]));
 }
 
-template <int NV>
+template <int NV, class Epi>
 inline void micro_rows(int mr, int64_t K, const float* a, int64_t am, int64_t ak, const float* b, int64_t ldb, float* c,
-                       int64_t ldc, const float* rs, bool acc) {
+                       int64_t ldc, const float* rs, bool acc, const Epi& epi, int64_t row0, int64_t col0) {
   switch (mr) {
-    case 6: micro<6, NV>(K, a, am, ak, b, ldb, c, ldc, rs, acc); break;
-    case 5: micro<5, NV>(K, a, am, ak, b, ldb, c, ldc, rs, acc); break;
-    case 4: micro<4, NV>(K, a, am, ak, b, ldb, c, ldc, rs, acc); break;
-    case 3: micro<3, NV>(K, a, am, ak, b, ldb, c, ldc, rs, acc); break;
-    case 2: micro<2, NV>(K, a, am, ak, b, ldb, c, ldc, rs, acc); break;
-    default: micro<1, NV>(K, a, am, ak, b, ldb, c, ldc, rs, acc); break;
+    case 6: micro<6, NV>(K, a, am, ak, b, ldb, c, ldc, rs, acc, epi, row0, col0); break;
+    case 5: micro<5, NV>(K, a, am, ak, b, ldb, c, ldc, rs, acc, epi, row0, col0); break;
+    case 4: micro<4, NV>(K, a, am, ak, b, ldb, c, ldc, rs, acc, epi, row0, col0); break;
+    case 3: micro<3, NV>(K, a, am, ak, b, ldb, c, ldc, rs, acc, epi, row0, col0); break;
+    case 2: micro<2, NV>(K, a, am, ak, b, ldb, c, ldc, rs, acc, epi, row0, col0); break;
+    default: micro<1, NV>(K, a, am, ak, b, ldb, c, ldc, rs, acc, epi, row0, col0); break;
   }
 }
 
-// C (M × N) = [row_scale ∘ C +] A (M × K) · B (K × N); N a multiple of kLanes (operands are padded).
+// C (M × N) = epi([row_scale ∘ C +] A (M × K) · B (K × N)); N a multiple of kLanes (operands are padded).
+template <class Epi = NoEpilogue>
 void gemm(int64_t M, int64_t N, int64_t K, const float* a, int64_t am, int64_t ak, const float* b, int64_t ldb, float* c,
-          int64_t ldc, const float* row_scale, bool accumulate) {
+          int64_t ldc, const float* row_scale, bool accumulate, const Epi& epi = Epi()) {
   const int64_t nvec = N / kLanes;
   for (int64_t v0 = 0; v0 < nvec; v0 += 2) {
     const bool two = nvec - v0 >= 2;
     for (int64_t m0 = 0; m0 < M; m0 += 6) {
       const int mr = static_cast<int>(std::min<int64_t>(6, M - m0));
       const float* rs = row_scale ? row_scale + m0 : nullptr;
+      float* cb = c + m0 * ldc + v0 * kLanes;
       if (two)
-        micro_rows<2>(mr, K, a + m0 * am, am, ak, b + v0 * kLanes, ldb, c + m0 * ldc + v0 * kLanes, ldc, rs, accumulate);
+        micro_rows<2>(mr, K, a + m0 * am, am, ak, b + v0 * kLanes, ldb, cb, ldc, rs, accumulate, epi, m0, v0 * kLanes);
       else
-        micro_rows<1>(mr, K, a + m0 * am, am, ak, b + v0 * kLanes, ldb, c + m0 * ldc + v0 * kLanes, ldc, rs, accumulate);
+        micro_rows<1>(mr, K, a + m0 * am, am, ak, b + v0 * kLanes, ldb, cb, ldc, rs, accumulate, epi, m0, v0 * kLanes);
     }
   }
 }
@@ -665,20 +675,38 @@ void forward_task(const AttentionForwardParams& p, const FwdTask& task, FwdScrat
       if (md.any_elementwise() || cut) apply_mods(ST, Brp, true, i0, rows, j0, cols, md, cut, kLog2e, nullptr);
 
       // Online softmax, kLanes query rows per vector.
+      // (Independent partial maxima and sums: one dependency chain would leave the loops latency-bound.)
       for (int64_t c = 0; c < Brp; c += kLanes) {
         const vfloat m_old = load(m + c);
-        vfloat mx = m_old;
-        for (int64_t jj = 0; jj < cols; ++jj) mx = vmax(load(ST + jj * Brp + c), mx);
-        const vfloat m_safe = mx == -kInf ? vbroadcast(0.0f) : mx;
+        const float* col = ST + c;
+        vfloat m0 = m_old, m1 = m_old, m2 = m_old, m3 = m_old;
+        int64_t jj = 0;
+        for (; jj + 4 <= cols; jj += 4) {
+          m0 = vmax(load(col + jj * Brp), m0);
+          m1 = vmax(load(col + (jj + 1) * Brp), m1);
+          m2 = vmax(load(col + (jj + 2) * Brp), m2);
+          m3 = vmax(load(col + (jj + 3) * Brp), m3);
+        }
+        for (; jj < cols; ++jj) m0 = vmax(load(col + jj * Brp), m0);
+        const vfloat mx = vmax(vmax(m0, m1), vmax(m2, m3));
+        const vfloat m_safe = mx == -kInf ? splat(0.0f) : mx;
         const vfloat a = exp2_softmax(m_old - m_safe);
-        vfloat sum = vbroadcast(0.0f);
-        for (int64_t jj = 0; jj < cols; ++jj) {
-          const vfloat e = exp2_softmax(load(ST + jj * Brp + c) - m_safe);
-          store(ST + jj * Brp + c, e);
-          sum += e;
+        vfloat s0 = splat(0.0f), s1 = splat(0.0f);
+        for (jj = 0; jj + 2 <= cols; jj += 2) {
+          const vfloat e0 = exp2_softmax(load(col + jj * Brp) - m_safe);
+          const vfloat e1 = exp2_softmax(load(col + (jj + 1) * Brp) - m_safe);
+          store(ST + jj * Brp + c, e0);
+          store(ST + (jj + 1) * Brp + c, e1);
+          s0 += e0;
+          s1 += e1;
+        }
+        if (jj < cols) {
+          const vfloat e0 = exp2_softmax(load(col + jj * Brp) - m_safe);
+          store(ST + jj * Brp + c, e0);
+          s0 += e0;
         }
         store(m + c, mx);
-        store(l + c, load(l + c) * a + sum);
+        store(l + c, load(l + c) * a + (s0 + s1));
         store(alpha + c, a);
       }
       if (dropout) {
@@ -830,21 +858,24 @@ void backward_task(const AttentionBackwardParams& bp, const BwdTask& task, const
           lse_row[ii] = lse == -kInf ? kInf : lse * kLog2e;  // rows that saw no key: P = 0
           D_row[ii] = Dsum[row_index(p, sq, total_q, b, h, i0 + ii)];
         }
-        // S (rows × keys) = Q · Kᵀ, then the scores (log2 units) and P = 2^(s - lse).
-        gemm(rows, Bcp, E, Qb, ldq, 1, KT, Bcp, S, Bcp, nullptr, false);
+        // S (rows × keys) = Q · Kᵀ, then the scores (log2 units) and P = 2^(s - lse): in the matmul's
+        // epilogue unless softcap/ALiBi/masks/the window must act on the scores first.
         const bool cut = win.cuts(i0, rows, j0, cols);
         const bool mods = md.any_elementwise() || cut;
         const float to_log2 = scale * kLog2e;
         if (mods) {
-          for (int64_t ii = 0; ii < rows; ++ii)
-            for (int64_t c = 0; c < Bcp; c += kLanes) store(S + ii * Bcp + c, load(S + ii * Bcp + c) * to_log2);
+          gemm(rows, Bcp, E, Qb, ldq, 1, KT, Bcp, S, Bcp, nullptr, false,
+               [&](int64_t, int64_t, vfloat acc) { return acc * to_log2; });
           apply_mods(S, Bcp, false, i0, rows, j0, cols, md, cut, kLog2e, dsoft);
-        }
-        const float pre = mods ? 1.0f : to_log2;
-        for (int64_t ii = 0; ii < rows; ++ii) {
-          const vfloat ls = splat(lse_row[ii]);
-          float* srow = S + ii * Bcp;
-          for (int64_t c = 0; c < Bcp; c += kLanes) store(srow + c, exp2_softmax(load(srow + c) * pre - ls));
+          for (int64_t ii = 0; ii < rows; ++ii) {
+            const vfloat ls = splat(lse_row[ii]);
+            float* srow = S + ii * Bcp;
+            for (int64_t c = 0; c < Bcp; c += kLanes) store(srow + c, exp2_softmax(load(srow + c) - ls));
+          }
+        } else {
+          gemm(rows, Bcp, E, Qb, ldq, 1, KT, Bcp, S, Bcp, nullptr, false, [&](int64_t r, int64_t, vfloat acc) {
+            return exp2_softmax(acc * to_log2 - splat(lse_row[r]));
+          });
         }
         const float* Pd = S;
         if (dropout) {
@@ -855,27 +886,20 @@ void backward_task(const AttentionBackwardParams& bp, const BwdTask& task, const
           }
           Pd = PD;  // holds the factors until P∘f is formed below, after dP needs them
         }
-        // dP (rows × keys) = dO · Vᵀ
-        gemm(rows, Bcp, Ev, dOb, lddo, 1, VT, Bcp, DP, Bcp, nullptr, false);
-        // dS = P ∘ (dP ∘ f - D) [∘ softcap'], written over dP; P ∘ f over the factors.
-        for (int64_t ii = 0; ii < rows; ++ii) {
-          const vfloat Di = vbroadcast(D_row[ii]);
-          float* prow = S + ii * Bcp;
-          float* dprow = DP + ii * Bcp;
-          float* frow = PD + ii * Bcp;
-          for (int64_t c = 0; c < Bcp; c += kLanes) {
-            const vfloat P = load(prow + c);
-            vfloat dp = load(dprow + c);
-            if (dropout) {
-              const vfloat f = load(frow + c);
-              dp = dp * f;
-              store(frow + c, P * f);
-            }
-            vfloat ds = P * (dp - Di);
-            if (dsoft != nullptr) ds = ds * load(dsoft + ii * Bcp + c);
-            store(dprow + c, ds);
+        // dP (rows × keys) = dO · Vᵀ, and in its epilogue dS = P ∘ (dP ∘ f - D) [∘ softcap'] (and, with
+        // dropout, P ∘ f over the factors, for dV).
+        gemm(rows, Bcp, Ev, dOb, lddo, 1, VT, Bcp, DP, Bcp, nullptr, false, [&](int64_t r, int64_t c, vfloat dp) {
+          const int64_t at = r * Bcp + c;
+          const vfloat P = load(S + at);
+          if (dropout) {
+            const vfloat f = load(PD + at);
+            dp = dp * f;
+            store(PD + at, P * f);
           }
-        }
+          vfloat ds = P * (dp - splat(D_row[r]));
+          if (dsoft != nullptr) ds = ds * load(dsoft + at);
+          return ds;
+        });
         // dV (keys × Ev) += (P∘f)ᵀ · dO;  dK (keys × E) += dSᵀ · Q;  dQ (rows × E) += dS · K
         gemm(cols, Evp, rows, Pd, 1, Bcp, dOb, lddo, dV, Evp, nullptr, true);
         gemm(cols, Ep, rows, DP, 1, Bcp, Qb, ldq, dK, Ep, nullptr, true);
