@@ -1,28 +1,32 @@
 // Fused attention on the CPU: forward (o, lse) and backward (dq, dk, dv) with the semantics of
 // kernels/attention.h (softcap, ALiBi, boolean/additive masks, sliding windows in either causal
-// alignment, GQA, varlen, Philox dropout).
+// alignment, GQA, varlen, Philox dropout), for fp32, bf16 and fp16 (computed in fp32) and fp64.
 //
 // Algorithm: FlashAttention-2 (Dao, 2023, arXiv:2307.08691) restated for a CPU core.
-//  * Forward: one task per (batch, query head, block of kBr query rows). The block's Q is packed
-//    transposed (head_dim × rows, pre-scaled) so the score tile comes out as Sᵀ (keys × rows) with
-//    SIMD lanes running over query rows: the online-softmax statistics (running max m, sum l) of
-//    kLanes rows then live in one vector and need no horizontal reductions. O accumulates in fp32;
-//    its rescale by exp(m_old - m_new) is folded into the P·V microkernel's accumulator load.
-//  * Backward: one task per (batch, kv head, range of key blocks), looping over every query head of
-//    the GQA group and every query block that can see the key block. P is recomputed from the saved
-//    lse; dK and dV accumulate in registers-then-buffer for the key block, dQ in a per-task fp32 buffer
-//    (no atomics). With few (batch, kv head) pairs the key blocks are split into a shape-determined
-//    number of chunks whose dQ partials are summed in a fixed order afterwards, so results are bitwise
-//    identical run to run and independent of the thread count.
-//  * The matmul-like parts all go through one register-blocked microkernel (6 rows × 2 vectors of
-//    fp32 accumulators, a broadcast-FMA inner loop, vec.h vectors). bf16/fp16 tiles are converted to
-//    fp32 when packed; fp32 inputs with unit-stride rows are read in place where the layout allows.
-//  * Key blocks wholly outside a causal/sliding window are skipped; blocks wholly inside it skip the
-//    per-element window test.
+//  * Forward: one task per (batch, query head, block of kFwdBr query rows), over blocks of kFwdBc keys.
+//    The block's Q is packed transposed (head_dim × rows, pre-scaled by scale·log2 e) so the score tile
+//    comes out as Sᵀ (keys × rows) with SIMD lanes running over query rows: the online-softmax
+//    statistics (running max, sum) of kLanes rows live in one vector, with no horizontal reductions.
+//    Scores are kept in log2 units so the softmax runs on a lean exp2 (as FlashAttention does on GPUs);
+//    O accumulates in fp32 and its rescale by 2^(m_old - m_new) is folded into the P·V microkernel's
+//    accumulator load.
+//  * Backward: one task per (batch, kv head, range of key blocks), looping over every query head of the
+//    GQA group and every query block that can see the key block. P is recomputed from the saved lse;
+//    dK and dV accumulate in fp32 per key block, dQ in an fp32 buffer owned by the task (no atomics).
+//    With few (batch, kv head) pairs the key blocks are split into a shape-determined number of chunks
+//    whose dQ partials are summed in a fixed order afterwards, so results are bitwise identical run to
+//    run and independent of the thread count (the `deterministic` flag is moot here).
+//  * The matmul-like parts all go through one register-blocked microkernel (6 rows × 2 vectors of fp32
+//    accumulators, a broadcast-FMA inner loop over vec.h vectors) with an optional epilogue, which
+//    computes P = 2^(s - lse) and dS = P ∘ (dP - D) on the accumulators before they are stored. bf16
+//    and fp16 tiles are converted to fp32 when packed; fp32 rows are read in place where the layout allows.
+//  * Key blocks wholly outside a causal/sliding window are skipped (the causal case costs about half the
+//    full one); blocks wholly inside it skip the per-element window test.
 //  * Peak extra memory is O(tile) per thread plus, in the backward, an fp32 dQ accumulator per task
 //    (group heads × rows × head_dim) and one float per query row (rowsum(dO∘O)): never O(L·S).
-//  * float64 takes a simple scalar path (it exists for torch.autograd.gradcheck, not for speed).
-// Limits: head dims of any size; lengths up to 2^31.
+//  * Threads: fusedops::parallel_for when it is really parallel, else a small pool of our own (see
+//    WorkerPool). float64 takes a simple scalar path (it exists for gradcheck, not for speed).
+// Limits: any head dim; sequence lengths below 2^31; scale, softcap and dropout_p arrive as float32.
 #include <unistd.h>
 
 #include <algorithm>
@@ -611,6 +615,10 @@ void apply_mods(float* s, int64_t ld, bool lanes_are_rows, int64_t i0, int64_t n
 // ---- forward, fp32 compute ---------------------------------------------------------------------------------
 struct FwdScratch {
   Buffer qt, st, o, kbuf, vbuf, stats, drop, line;
+  // K and V of one (batch, kv head) converted to fp32 (and V padded), kept while this worker's tasks stay
+  // on that head (tasks are handed out head by head), so each is converted once per worker, not once per
+  // query block.
+  int64_t kv_b = -1, kv_g = -1;
 };
 
 struct FwdTask {
@@ -652,8 +660,18 @@ void forward_task(const AttentionForwardParams& p, const FwdTask& task, FwdScrat
     // fp32 rows with unit stride are used in place: K as the broadcast operand, V when no padding is needed.
     constexpr bool f32 = std::is_same<T, float>::value;
     const bool v_in_place = f32 && Ev % kLanes == 0;
-    float* Kb = f32 ? nullptr : w.kbuf.get(kFwdBc * E);
-    float* Vb = v_in_place ? nullptr : w.vbuf.get(kFwdBc * Evp);
+    float* Kc = f32 ? nullptr : w.kbuf.get(sq.len_kv * E);
+    float* Vc = v_in_place ? nullptr : w.vbuf.get(sq.len_kv * Evp);
+    if (w.kv_b != b || w.kv_g != g) {
+      const T* k0 = at3<const T>(p.k, p.k_stride, b, g, sq.row_k);
+      const T* v0 = at3<const T>(p.v, p.v_stride, b, g, sq.row_k);
+      for (int64_t j = 0; j < sq.len_kv; ++j) {
+        if (!f32) load_row(k0 + j * p.k_stride[2], E, 1.0f, Kc + j * E, E);
+        if (!v_in_place) load_row(v0 + j * p.v_stride[2], Ev, 1.0f, Vc + j * Evp, Evp);
+      }
+      w.kv_b = b;
+      w.kv_g = g;
+    }
     float* drop = dropout ? w.drop.get(kFwdBc) : nullptr;
 
     for (int64_t j0 = jlo; j0 < jhi; j0 += kFwdBc) {
@@ -665,8 +683,7 @@ void forward_task(const AttentionForwardParams& p, const FwdTask& task, FwdScrat
         A = reinterpret_cast<const float*>(kp);
         lda = p.k_stride[2];
       } else {
-        for (int64_t jj = 0; jj < cols; ++jj) load_row(kp + jj * p.k_stride[2], E, 1.0f, Kb + jj * E, E);
-        A = Kb;
+        A = Kc + j0 * E;
         lda = E;
       }
       // Sᵀ (cols × rows) = K · (scale·Q)ᵀ
@@ -723,8 +740,7 @@ void forward_task(const AttentionForwardParams& p, const FwdTask& task, FwdScrat
         B = reinterpret_cast<const float*>(vp);
         ldb = p.v_stride[2];
       } else {
-        for (int64_t jj = 0; jj < cols; ++jj) load_row(vp + jj * p.v_stride[2], Ev, 1.0f, Vb + jj * Evp, Evp);
-        B = Vb;
+        B = Vc + j0 * Evp;
         ldb = Evp;
       }
       // O (rows × Ev) = alpha ∘ O + P · V, with P read from Sᵀ.
