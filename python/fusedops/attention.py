@@ -246,7 +246,8 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
 
     query (..., L, E), key (..., S, E), value (..., S, Ev) → (..., L, Ev); the batch dims ``...`` (any number,
     including none) broadcast as in torch. ``attn_mask``: bool (True = may attend) or additive float (float32
-    or the query's dtype), broadcastable to (..., L, S); an additive mask may require grad.
+    or the query's dtype), broadcastable to (..., L, S); an additive mask may require grad (its gradient,
+    which has the (..., L, S) size of the scores, is then formed with plain torch ops outside the kernel).
     ``is_causal``: query i sees keys j <= i — torch's *top-left* alignment, also when L ≠ S (contrast
     :func:`attention`, which aligns bottom-right); combined with ``attn_mask`` when both are given.
     ``enable_gqa``: key/value may have fewer heads (dim -3) than query, a divisor of it.
