@@ -221,20 +221,44 @@ def _run(fn, q, k, v, attn_mask, alibi, cu_q, cu_k, max_q, max_k, scale, softcap
         raise TypeError(f"fusedops.{fn}: float64 runs on the cpu backend only (got the "
                         f"{_backend.current_backend()} backend)")
     seed = _dropout_seed(dropout_p, generator)
-    return _FWD(q, k, v, attn_mask, alibi, cu_q, cu_k, max_q, max_k, scale, softcap, window[0], window[1],
-                bottom_right, dropout_p, seed, backend, deterministic)
+    args = (q, k, v, attn_mask, alibi, cu_q, cu_k, max_q, max_k, scale, softcap, window[0], window[1], bottom_right,
+            dropout_p, seed, backend, deterministic)
+    if not torch.compiler.is_compiling() and not (
+            torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, attn_mask))):
+        # Nothing to differentiate: skip the Python autograd wrapper (tens of µs per call).
+        with torch._C._AutoDispatchBelowAutograd():
+            return _FWD(*args)
+    return _FWD(*args)
 
 
 # ---- scaled_dot_product_attention ---------------------------------------------------------------------------
 
+def _broadcast_shapes(*shapes) -> Optional[tuple]:
+    """torch.broadcast_shapes for plain shapes (much cheaper per call); None when they do not broadcast."""
+    ndim = max(len(shape) for shape in shapes)
+    out = []
+    for i in range(-ndim, 0):
+        size = 1
+        for shape in shapes:
+            if len(shape) >= -i and shape[i] != 1:
+                if size != 1 and size != shape[i]:
+                    return None
+                size = shape[i]
+        out.append(size)
+    return tuple(out)
+
+
 def _flatten_batch(t: torch.Tensor, batch: Sequence[int]) -> torch.Tensor:
     """(*batch, N, D) → (B, H, N, D): the last batch dim is the heads, the others merge into B (a view when
     their strides allow; a 3-D or 2-D input gets B = 1 and H = 1 as needed)."""
-    t = t.expand(*batch, t.shape[-2], t.shape[-1])
+    if tuple(t.shape[:-2]) != tuple(batch):
+        t = t.expand(*batch, t.shape[-2], t.shape[-1])
+    if len(batch) == 2:
+        return t
     if len(batch) == 0:
-        return t.unsqueeze(0).unsqueeze(0)
+        return t[None, None]
     if len(batch) == 1:
-        return t.unsqueeze(0)
+        return t[None]
     return t.reshape(-1, batch[-1], t.shape[-2], t.shape[-1])
 
 
@@ -261,24 +285,23 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
     dropout_p = _check_dropout(dropout_p, fn)
     L, S, E = query.shape[-2], key.shape[-2], query.shape[-1]
     qb, kb, vb = tuple(query.shape[:-2]), tuple(key.shape[:-2]), tuple(value.shape[:-2])
-    try:
-        if enable_gqa and len(qb) >= 1 and len(kb) >= 1:
-            if len(vb) == 0 or kb[-1] != vb[-1]:
-                raise ValueError(f"fusedops.{fn}: with enable_gqa, key and value must have the same number of heads "
-                                 f"(dim -3), got {tuple(key.shape)} and {tuple(value.shape)}")
-            hq, hkv = qb[-1], kb[-1]
-            if hkv == 0 or hq % hkv != 0:
-                raise ValueError(f"fusedops.{fn}: the number of query heads ({hq}) must be a multiple of the number "
-                                 f"of key/value heads ({hkv}) with enable_gqa")
-            lead = torch.broadcast_shapes(qb[:-1], kb[:-1], vb[:-1])
-            out_batch = (*lead, hq)
-            kv_batch = (*lead, hkv)
-        else:
-            out_batch = kv_batch = tuple(torch.broadcast_shapes(qb, kb, vb))
-    except RuntimeError:
+    if enable_gqa and len(qb) >= 1 and len(kb) >= 1:
+        if len(vb) == 0 or kb[-1] != vb[-1]:
+            raise ValueError(f"fusedops.{fn}: with enable_gqa, key and value must have the same number of heads "
+                             f"(dim -3), got {tuple(key.shape)} and {tuple(value.shape)}")
+        hq, hkv = qb[-1], kb[-1]
+        if hkv == 0 or hq % hkv != 0:
+            raise ValueError(f"fusedops.{fn}: the number of query heads ({hq}) must be a multiple of the number "
+                             f"of key/value heads ({hkv}) with enable_gqa")
+        lead = _broadcast_shapes(qb[:-1], kb[:-1], vb[:-1])
+        out_batch = None if lead is None else (*lead, hq)
+        kv_batch = None if lead is None else (*lead, hkv)
+    else:
+        out_batch = kv_batch = _broadcast_shapes(qb, kb, vb)
+    if out_batch is None:
         raise ValueError(f"fusedops.{fn}: the batch dims of query {tuple(query.shape)}, key {tuple(key.shape)} and "
                          f"value {tuple(value.shape)} do not broadcast"
-                         + ("" if enable_gqa else " (different head counts need enable_gqa=True)")) from None
+                         + ("" if enable_gqa else " (different head counts need enable_gqa=True)"))
     q4 = _flatten_batch(query, out_batch)
     k4 = _flatten_batch(key, kv_batch)
     v4 = _flatten_batch(value, kv_batch)
@@ -292,14 +315,11 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
                             f"got {attn_mask.dtype}")
         if attn_mask.device != query.device:
             raise ValueError(f"fusedops.{fn}: attn_mask is on {attn_mask.device} but query is on {query.device}")
-        try:
-            full = torch.broadcast_shapes(attn_mask.shape, (*out_batch, L, S))
-        except RuntimeError:
-            full = None
-        if full != (*out_batch, L, S):
+        if _broadcast_shapes(tuple(attn_mask.shape), (*out_batch, L, S)) != (*out_batch, L, S):
             raise ValueError(f"fusedops.{fn}: attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to "
                              f"(..., L, S) = {(*out_batch, L, S)}")
-        mask4 = _flatten_batch(attn_mask.expand(*out_batch, L, S), out_batch)
+        full = (*out_batch, L, S)
+        mask4 = _flatten_batch(attn_mask if tuple(attn_mask.shape) == full else attn_mask.expand(full), out_batch)
 
     scale = _resolve_scale(scale, E, fn)
     window = (-1, 0) if is_causal else (-1, -1)
