@@ -378,6 +378,7 @@ MASKS = {
     "bool_LS": lambda L, S, lead: torch.rand(L, S) > 0.2,
     "bool_full": lambda L, S, lead: torch.rand(*lead, L, S) > 0.2,
     "float_bcast_rows": lambda L, S, lead: torch.randn(1, S),
+    "bool_1d": lambda L, S, lead: torch.rand(S) > 0.2,
     "float_per_head": lambda L, S, lead: torch.randn(*lead[-1:], L, S) if lead else torch.randn(L, S),
 }
 
