@@ -24,26 +24,19 @@
 //    full one); blocks wholly inside it skip the per-element window test.
 //  * Peak extra memory is O(tile) per thread plus, in the backward, an fp32 dQ accumulator per task
 //    (group heads × rows × head_dim) and one float per query row (rowsum(dO∘O)): never O(L·S).
-//  * Threads: fusedops::parallel_for when it is really parallel, else a small pool of our own (see
-//    WorkerPool). float64 takes a simple scalar path (it exists for gradcheck, not for speed).
+//  * Threads: fusedops::parallel_for (torch's intra-op pool). float64 takes a simple scalar path (it exists for gradcheck, not for speed).
 // Limits: any head dim; sequence lengths below 2^31; scale, softcap and dropout_p arrive as float32.
-#include <unistd.h>
-
 #include <algorithm>
 #include <atomic>
 #include <cmath>
-#include <condition_variable>
 #include <exception>
-#include <functional>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <memory>
 #include <new>
-#include <mutex>
 #include <stdexcept>
-#include <thread>
 #include <type_traits>
 #include <vector>
 
@@ -97,115 +90,16 @@ class Buffer {
 };
 
 // ---- threads ------------------------------------------------------------------------------------------
-// fusedops::parallel_for is the project's hook onto ATen's thread pool. ATen's parallel_for is a header
-// template whose OpenMP pragma compiles into the caller, so where the binding is built without OpenMP it
-// quietly runs on one thread. We probe for that once and, if so, fall back to a small pool of our own
-// (as many threads as parallel_threads(), i.e. torch.get_num_threads()).
-class WorkerPool {
- public:
-  // Calls fn(w) for w in [0, workers) on `workers` threads (the caller is worker 0); rethrows the first
-  // exception. A call that finds the pool busy (another thread inside an op) runs serially instead.
-  void run(int workers, const std::function<void(int)>& fn) {
-    std::unique_lock<std::mutex> busy(busy_, std::try_to_lock);
-    if (!busy.owns_lock() || workers <= 1) {
-      for (int w = 0; w < workers; ++w) fn(w);
-      return;
-    }
-    {
-      std::lock_guard<std::mutex> lock(mutex_);
-      while (static_cast<int>(threads_.size()) < workers - 1) {
-        const int index = static_cast<int>(threads_.size()) + 1;
-        threads_.emplace_back([this, index] { worker(index); });
-        threads_.back().detach();
-      }
-      job_ = &fn;
-      active_ = workers;
-      pending_ = workers - 1;
-      error_ = nullptr;
-      ++generation_;
-    }
-    wake_.notify_all();
-    call(0);
-    std::unique_lock<std::mutex> lock(mutex_);
-    done_.wait(lock, [this] { return pending_ == 0; });
-    job_ = nullptr;
-    if (error_) std::rethrow_exception(error_);
-  }
-
-  static WorkerPool& instance() {
-    // Never destroyed (detached workers may outlive static destruction); rebuilt in a forked child,
-    // which inherits the pool's memory but not its threads.
-    static std::atomic<WorkerPool*> pool{nullptr};
-    static std::atomic<long> owner{0};
-    const long pid = static_cast<long>(getpid());
-    if (pool.load() == nullptr || owner.load() != pid) {
-      static std::mutex create;
-      std::lock_guard<std::mutex> lock(create);
-      if (pool.load() == nullptr || owner.load() != pid) {
-        pool.store(new WorkerPool());
-        owner.store(pid);
-      }
-    }
-    return *pool.load();
-  }
-
- private:
-  void call(int index) {
-    try {
-      (*job_)(index);
-    } catch (...) {
-      std::lock_guard<std::mutex> lock(mutex_);
-      if (!error_) error_ = std::current_exception();
-    }
-  }
-
-  void worker(int index) {
-    uint64_t seen = 0;
-    for (;;) {
-      {
-        std::unique_lock<std::mutex> lock(mutex_);
-        wake_.wait(lock, [&] { return generation_ != seen; });
-        seen = generation_;
-        if (index >= active_) continue;
-      }
-      call(index);
-      std::lock_guard<std::mutex> lock(mutex_);
-      if (--pending_ == 0) done_.notify_one();
-    }
-  }
-
-  std::mutex busy_, mutex_;
-  std::condition_variable wake_, done_;
-  std::vector<std::thread> threads_;
-  const std::function<void(int)>* job_ = nullptr;
-  int active_ = 0, pending_ = 0;
-  uint64_t generation_ = 0;
-  std::exception_ptr error_;
-};
-
-// Whether fusedops::parallel_for really spreads work over threads (see above).
-bool hook_is_parallel() {
-  static std::atomic<int> state{0};  // 0: not probed yet, 1: parallel, 2: serial
-  if (state.load() == 0 && parallel_threads() > 1) {
-    std::atomic<int> chunks{0};
-    parallel_for(2, 1, [&](int64_t, int64_t) { chunks.fetch_add(1); });
-    state.store(chunks.load() > 1 ? 1 : 2);
-  }
-  return state.load() == 1;
-}
-
-// Calls body(worker) on `workers` threads.
+// Calls body(worker) for worker in [0, workers), one worker per thread of torch's pool.
 template <class F>
 void on_workers(int64_t workers, F&& body) {
   if (workers <= 1) {
     body(0);
-  } else if (hook_is_parallel()) {
-    parallel_for(workers, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t w = begin; w < end; ++w) body(w);
-    });
-  } else {
-    WorkerPool::instance().run(static_cast<int>(workers), [&](int w) { body(w); });
+    return;
   }
+  parallel_for(workers, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t w = begin; w < end; ++w) body(w);
+  });
 }
 
 // f(begin, end) over [0, n) in contiguous chunks of at least `grain`, spread over the threads.
@@ -234,25 +128,6 @@ void run_tasks(int64_t n, F&& task) {
 }
 
 // ---- vector helpers -------------------------------------------------------------------------------------
-// A float in every lane. vec.h's vbroadcast (0 + x) costs an FP add before the broadcast, because the
-// compiler may not drop +0 (it changes -0); in the microkernel's inner loop that add competes with the FMAs.
-inline vfloat splat(float x) {
-#if defined(__AVX512F__)
-  const __m512 v = _mm512_set1_ps(x);
-#elif defined(__AVX__)
-  const __m256 v = _mm256_set1_ps(x);
-#else
-  vfloat v;
-  for (int i = 0; i < kLanes; ++i) v[i] = x;
-  return v;
-#endif
-#if defined(__AVX512F__) || defined(__AVX__)
-  vfloat r;
-  std::memcpy(&r, &v, sizeof r);
-  return r;
-#endif
-}
-
 inline vint iota_int() {
   vint v;
   for (int i = 0; i < kLanes; ++i) v[i] = i;
@@ -269,7 +144,7 @@ inline vfloat exp2_softmax(vfloat y) {
   const float magic = 12582912.0f;  // 1.5 · 2^23
   const vfloat kn = y + magic;
   const vfloat r = y - (kn - magic);
-  vfloat p = splat(1.5084314509294927e-4f);
+  vfloat p = vbroadcast(1.5084314509294927e-4f);
   p = p * r + 1.339555368758738e-3f;
   p = p * r + 9.61942970752716e-3f;
   p = p * r + 5.5503420531749725e-2f;
@@ -277,7 +152,7 @@ inline vfloat exp2_softmax(vfloat y) {
   p = p * r + 6.931471824645996e-1f;
   p = p * r + 1.0f;
   const vfloat result = as_float(as_uint(p) + (as_uint(kn) << 23));
-  return y < -126.0f ? splat(0.0f) : result;
+  return y < -126.0f ? vbroadcast(0.0f) : result;
 }
 
 constexpr float kLog2e = 1.44269504088896341f;
@@ -314,7 +189,7 @@ inline void micro(int64_t K, const float* __restrict a, int64_t am, int64_t ak, 
     for (int v = 0; v < NV; ++v) bv[v] = load(b + v * kLanes);
     b += ldb;
     for (int m = 0; m < MR; ++m) {
-      const vfloat x = splat(*ap[m]);
+      const vfloat x = vbroadcast(*ap[m]);
       ap[m] += ak;
       for (int v = 0; v < NV; ++v) acc[m][v] = x * bv[v] + acc[m][v];
     }
@@ -706,9 +581,9 @@ void forward_task(const AttentionForwardParams& p, const FwdTask& task, FwdScrat
         }
         for (; jj < cols; ++jj) m0 = vmax(load(col + jj * Brp), m0);
         const vfloat mx = vmax(vmax(m0, m1), vmax(m2, m3));
-        const vfloat m_safe = mx == -kInf ? splat(0.0f) : mx;
+        const vfloat m_safe = mx == -kInf ? vbroadcast(0.0f) : mx;
         const vfloat a = exp2_softmax(m_old - m_safe);
-        vfloat s0 = splat(0.0f), s1 = splat(0.0f);
+        vfloat s0 = vbroadcast(0.0f), s1 = vbroadcast(0.0f);
         for (jj = 0; jj + 2 <= cols; jj += 2) {
           const vfloat e0 = exp2_softmax(load(col + jj * Brp) - m_safe);
           const vfloat e1 = exp2_softmax(load(col + (jj + 1) * Brp) - m_safe);
@@ -884,13 +759,13 @@ void backward_task(const AttentionBackwardParams& bp, const BwdTask& task, const
                [&](int64_t, int64_t, vfloat acc) { return acc * to_log2; });
           apply_mods(S, Bcp, false, i0, rows, j0, cols, md, cut, kLog2e, dsoft);
           for (int64_t ii = 0; ii < rows; ++ii) {
-            const vfloat ls = splat(lse_row[ii]);
+            const vfloat ls = vbroadcast(lse_row[ii]);
             float* srow = S + ii * Bcp;
             for (int64_t c = 0; c < Bcp; c += kLanes) store(srow + c, exp2_softmax(load(srow + c) - ls));
           }
         } else {
           gemm(rows, Bcp, E, Qb, ldq, 1, KT, Bcp, S, Bcp, nullptr, false, [&](int64_t r, int64_t, vfloat acc) {
-            return exp2_softmax(acc * to_log2 - splat(lse_row[r]));
+            return exp2_softmax(acc * to_log2 - vbroadcast(lse_row[r]));
           });
         }
         const float* Pd = S;
@@ -912,7 +787,7 @@ void backward_task(const AttentionBackwardParams& bp, const BwdTask& task, const
             dp = dp * f;
             store(PD + at, P * f);
           }
-          vfloat ds = P * (dp - splat(D_row[r]));
+          vfloat ds = P * (dp - vbroadcast(D_row[r]));
           if (dsoft != nullptr) ds = ds * load(dsoft + at);
           return ds;
         });

@@ -43,7 +43,13 @@ struct fp16_t {
   uint16_t bits;
 };
 
-inline vfloat vbroadcast(float x) { return vfloat{} + x; }
+// A float in every lane (one vbroadcastss; `vfloat{} + x` would cost an FP add first, since x + 0 is
+// not x for x = -0).
+inline vfloat vbroadcast(float x) {
+  vfloat v;
+  for (int i = 0; i < kLanes; ++i) v[i] = x;
+  return v;
+}
 
 inline vfloat as_float(vuint v) {
   vfloat f;
