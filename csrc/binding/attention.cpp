@@ -1,6 +1,9 @@
 // torch.ops.fusedops.attention_forward / attention_backward: argument checks, output allocation and
 // dispatch to the CPU kernel, the emulated CUDA kernels or the CUDA kernels (csrc/kernels/attention.h).
 //
+// attention_forward's `deterministic` is not used by the forward itself: it records, for the autograd
+// formula registered in Python (which sees only the forward's inputs), how the backward should run.
+//
 // The Python layer (fusedops/attention.py) normalizes what users pass (masks expanded to
 // (B, Hq, L, S) with 0 strides where they broadcast, scale resolved, windows from is_causal); this
 // layer checks everything again, because torch.ops.fusedops.* can be called directly.
@@ -75,7 +78,7 @@ AttentionForwardParams forward_params(const char* op, Backend b, Inputs& in, int
 
   AttentionForwardParams p;
   p.dtype = dtype_of(in.q);
-  const int64_t hd = dims - 2;  // index of the heads dimension
+  const int64_t hd = 1;  // the heads dimension: (batch, heads, seq, dim) and (total, heads, dim) alike
   p.heads_q = in.q.size(hd);
   p.heads_kv = in.k.size(hd);
   p.head_dim = in.q.size(-1);
@@ -190,7 +193,8 @@ std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& q, const 
                                                      const std::optional<at::Tensor>& cu_seqlens_k, int64_t max_seqlen_q,
                                                      int64_t max_seqlen_k, double scale, double softcap,
                                                      int64_t window_left, int64_t window_right, bool bottom_right,
-                                                     double dropout_p, int64_t dropout_seed, int64_t backend) {
+                                                     double dropout_p, int64_t dropout_seed, int64_t backend,
+                                                     bool /*deterministic: read by the autograd formula*/) {
   const Backend b = to_backend(backend, kFwd);
   Inputs in{q, k, v, attn_mask.value_or(at::Tensor()), alibi_slopes.value_or(at::Tensor()),
             cu_seqlens_q.value_or(at::Tensor()), cu_seqlens_k.value_or(at::Tensor()), cu_seqlens_q.has_value()};
@@ -310,8 +314,8 @@ TORCH_LIBRARY_FRAGMENT(fusedops, m) {
   m.def(
       "attention_forward(Tensor q, Tensor k, Tensor v, Tensor? attn_mask, Tensor? alibi_slopes, "
       "Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, float scale, float softcap, "
-      "int window_left, int window_right, bool bottom_right, float dropout_p, int dropout_seed, int backend) "
-      "-> (Tensor out, Tensor lse)");
+      "int window_left, int window_right, bool bottom_right, float dropout_p, int dropout_seed, int backend, "
+      "bool deterministic=True) -> (Tensor out, Tensor lse)");
   m.def(
       "attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? attn_mask, "
       "Tensor? alibi_slopes, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, "

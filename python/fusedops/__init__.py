@@ -13,6 +13,8 @@ _C = _load_extension()
 
 from ._backend import available_backends, backend, current_backend  # noqa: E402
 from . import optim  # noqa: E402,F401
+from . import nn  # noqa: E402,F401
+from .attention import Attention, attention, attention_varlen, scaled_dot_product_attention  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -52,11 +54,16 @@ def set_emulator_schedule(name: str, seed: int = 0) -> None:
 
 
 __all__ = [
+    "Attention",
+    "attention",
+    "attention_varlen",
     "available_backends",
     "backend",
     "build_info",
     "current_backend",
+    "nn",
     "optim",
     "set_cpu_isa",
+    "scaled_dot_product_attention",
     "set_emulator_schedule",
 ]
