@@ -60,7 +60,7 @@ struct BackwardKVTraits {
   static constexpr int kBlockN = 16 * kWarpsKeys;
   // Warps along the queries (phase 1) and the head dim (phase 2): the dK + dV accumulators are
   // kDim / kSplit floats per thread.
-  static constexpr int kSplit = kTensorCores && kDim <= 64 ? 1 : 2;
+  static constexpr int kSplit = kTensorCores || kDim <= 128 ? 2 : 4;
   static constexpr int kWarps = kWarpsKeys * kSplit;
   static constexpr int kThreads = 32 * kWarps;
   static constexpr int kBlockM = kTensorCores && kDim <= 128 ? 64 : 32;
@@ -72,6 +72,9 @@ struct BackwardKVTraits {
   static constexpr size_t kSmemBytes = sizeof(T) * (static_cast<size_t>(kPitch) * (2 * kBlockN + 2 * kStages * kBlockM) +
                                                     2 * static_cast<size_t>(kBlockN) * kPitchP) +
                                        sizeof(float) * 2 * kStages * kBlockM;
+  static constexpr int kMaskPitch = kBlockN + 4;  // mask tile: queries × keys, fp32 additive form
+  static constexpr size_t kMaskBytes = sizeof(float) * kStages * kBlockM * kMaskPitch;
+  static_assert(kSmemBytes + kMaskBytes <= kMaxSmemBytes, "shared memory beyond sm_80's limit");
 };
 
 template <class T, int kDim>
@@ -109,6 +112,7 @@ __global__ void FUSEDOPS_LAUNCH_BOUNDS(BackwardKVTraits<T, kDim>::kThreads, 1) a
   T* sdS = sP + kBlockN * kPitchP;                // dSᵀ
   float* sLse = reinterpret_cast<float*>(sdS + kBlockN * kPitchP);
   float* sDelta = sLse + Tr::kStages * kBlockM;
+  float* sMask = sDelta + Tr::kStages * kBlockM;
 
   load_tile<T, kBlockN, kDim, kPitch, kThreads>(sK, row_pointer<const T>(a.k, a.k_stride, b, kvh, seq.k_row0 + n0),
                                                 a.k_stride[2], keys, a.dim_qk, a.vector_io, tid);
@@ -128,6 +132,10 @@ __global__ void FUSEDOPS_LAUNCH_BOUNDS(BackwardKVTraits<T, kDim>::kThreads, 1) a
       const bool valid = r < rows;
       sLse[stage * kBlockM + r] = valid ? *row_pointer<const float>(a.lse, a.lse_stride, b, h, seq.q_row0 + m0 + r) : INFINITY;
       sDelta[stage * kBlockM + r] = valid ? delta_of(a, b, h, m0 + r) : 0.0f;
+    }
+    if (a.mask_kind != 0) {
+      load_mask_tile<kBlockM, kBlockN, Tr::kMaskPitch, kThreads>(sMask + stage * kBlockM * Tr::kMaskPitch,
+                                                                 score_mods_of(a, seq, b, h), m0, n0, tid);
     }
   };
   if (iterations > 0) load_q(0, 0);
@@ -171,31 +179,45 @@ __global__ void FUSEDOPS_LAUNCH_BOUNDS(BackwardKVTraits<T, kDim>::kThreads, 1) a
 
     const bool plain = mods.elementwise_free() &&
                        mods.tile_inside_window(m0, min(m0 + kBlockM, seq.len_q), n0, n0 + keys);
+    const RowSpan span[2] = {mods.key_row(n0 + key_row, m0, kBlockM), mods.key_row(n0 + key_row + 8, m0, kBlockM)};
+    const float* mask_tile = sMask + stage * kBlockM * Tr::kMaskPitch;
+    uint32_t keep = 0xffffffffu;  // bit nt·4 + e
+    if (drop.on) {
+      keep = 0;
+#pragma unroll 1
+      for (int x = 0; x < kQT * 4; ++x) {
+        const int nt = x / 4, e = x % 4;
+        keep |= drop.one(m0 + q_col0 + nt * 8 + 2 * t + (e & 1), n0 + key_row + 8 * (e >> 1)) << x;
+      }
+    }
 #pragma unroll
     for (int nt = 0; nt < kQT; ++nt) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        const int q_local = q_col0 + nt * 8 + 2 * t + (e & 1);
-        const int64_t i = m0 + q_local, j = n0 + key_row + 8 * (e >> 1);
+        const int col = q_col0 + nt * 8 + 2 * t + (e & 1), r = e >> 1;  // query column within the tile
         float grad;
-        const float s = plain ? mods.capped(st[nt][e], grad) : mods.score(st[nt][e], i, j, grad);
-        const float p = s == -INFINITY ? 0.0f : exp2f(s * kLog2e - lse[q_local] * kLog2e);
-        const float z = drop.on ? drop.one(i, j) : 1.0f;
+        float s = mods.capped(st[nt][e], grad);
+        if (!plain) {
+          const float mask_value = mods.mask_kind != 0 ? mask_tile[col * Tr::kMaskPitch + key_row + 8 * r] : 0.0f;
+          s = mods.finish(s, col, span[r], mask_value);
+        }
+        const float p = s == -INFINITY ? 0.0f : exp2f(s * kLog2e - lse[col] * kLog2e);
+        const float z = drop.on ? drop.factor(keep, nt * 4 + e) : 1.0f;
         st[nt][e] = p * z;
-        dpt[nt][e] = p * (dpt[nt][e] * z - delta[q_local]) * grad;
+        dpt[nt][e] = p * (dpt[nt][e] * z - delta[col]) * grad;
       }
     }
 #pragma unroll
     for (int nt = 0; nt < kQT; ++nt) {
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
-        const int at_ = (key_row + 8 * r) * kPitchP + q_col0 + nt * 8 + 2 * t;
+        const int at = (key_row + 8 * r) * kPitchP + q_col0 + nt * 8 + 2 * t;
         if constexpr (std::is_same<T, float>::value) {
-          *reinterpret_cast<float2*>(sP + at_) = make_float2(st[nt][2 * r], st[nt][2 * r + 1]);
-          *reinterpret_cast<float2*>(sdS + at_) = make_float2(dpt[nt][2 * r], dpt[nt][2 * r + 1]);
+          *reinterpret_cast<float2*>(sP + at) = make_float2(st[nt][2 * r], st[nt][2 * r + 1]);
+          *reinterpret_cast<float2*>(sdS + at) = make_float2(dpt[nt][2 * r], dpt[nt][2 * r + 1]);
         } else {
-          *reinterpret_cast<uint32_t*>(sP + at_) = pack_pair<T>(st[nt][2 * r], st[nt][2 * r + 1]);
-          *reinterpret_cast<uint32_t*>(sdS + at_) = pack_pair<T>(dpt[nt][2 * r], dpt[nt][2 * r + 1]);
+          *reinterpret_cast<uint32_t*>(sP + at) = pack_pair<T>(st[nt][2 * r], st[nt][2 * r + 1]);
+          *reinterpret_cast<uint32_t*>(sdS + at) = pack_pair<T>(dpt[nt][2 * r], dpt[nt][2 * r + 1]);
         }
       }
     }
@@ -232,12 +254,16 @@ struct BackwardQTraits {
   static constexpr int kWarps = !kTensorCores && kDim > 128 ? 2 : 4;
   static constexpr int kThreads = 32 * kWarps;
   static constexpr int kBlockM = 16 * kWarps;
-  static constexpr int kBlockN = kTensorCores && kDim <= 128 ? 64 : 32;
-  static constexpr int kStages = kTensorCores || kDim <= 128 ? 2 : 1;
+  // S, dP (kBlockN / 2 floats each per thread) and dQ (kDim / 2) live together: 32 keys per tile.
+  static constexpr int kBlockN = kTensorCores || kDim <= 128 ? 32 : 16;
+  static constexpr int kStages = 2;
   static constexpr int kPitch = kDim + 16 / static_cast<int>(sizeof(T));
   static constexpr int kScratchPitch = kBlockN + 4;
   static constexpr size_t kSmemBytes = sizeof(T) * static_cast<size_t>(kPitch) * (2 * kBlockM + 2 * kStages * kBlockN) +
                                        (kTensorCores ? 0 : sizeof(float) * kBlockM * kScratchPitch);
+  static constexpr int kMaskPitch = kBlockN + 4;
+  static constexpr size_t kMaskBytes = sizeof(float) * kStages * kBlockM * kMaskPitch;
+  static_assert(kSmemBytes + kMaskBytes <= kMaxSmemBytes, "shared memory beyond sm_80's limit");
 };
 
 template <class T, int kDim>
@@ -270,6 +296,7 @@ __global__ void FUSEDOPS_LAUNCH_BOUNDS(BackwardQTraits<T, kDim>::kThreads, 1) at
   T* sK = sdO + kBlockM * kPitch;
   T* sV = sK + Tr::kStages * kBlockN * kPitch;
   float* scratch = reinterpret_cast<float*>(sV + Tr::kStages * kBlockN * kPitch) + warp * 16 * Tr::kScratchPitch;
+  float* sMask = reinterpret_cast<float*>(sV + Tr::kStages * kBlockN * kPitch) + (Tr::kTensorCores ? 0 : kBlockM * Tr::kScratchPitch);
 
   load_tile<T, kBlockM, kDim, kPitch, kThreads>(sQ, row_pointer<const T>(a.q, a.q_stride, b, h, seq.q_row0 + m0),
                                                 a.q_stride[2], rows, a.dim_qk, a.vector_io, tid);
@@ -283,6 +310,8 @@ __global__ void FUSEDOPS_LAUNCH_BOUNDS(BackwardQTraits<T, kDim>::kThreads, 1) at
                                                   keys, a.dim_qk, a.vector_io, tid);
     load_tile<T, kBlockN, kDim, kPitch, kThreads>(sV + stage * kBlockN * kPitch, v + n0 * a.v_stride[2], a.v_stride[2],
                                                   keys, a.dim_v, a.vector_io, tid);
+    if (mods.mask_kind != 0)
+      load_mask_tile<kBlockM, kBlockN, Tr::kMaskPitch, kThreads>(sMask + stage * kBlockM * Tr::kMaskPitch, mods, m0, n0, tid);
   };
   if (n_begin < n_end) load_kv(n_begin, 0);
   simt::cp_async_commit();
@@ -324,21 +353,23 @@ __global__ void FUSEDOPS_LAUNCH_BOUNDS(BackwardQTraits<T, kDim>::kThreads, 1) at
 
     const bool plain = mods.elementwise_free() && n0 + kBlockN <= seq.len_k &&
                        mods.tile_inside_window(m0, m0 + rows, n0, n0 + kBlockN);
+    const RowSpan span[2] = {mods.query_row(row_i[0], n0, kBlockN), mods.query_row(row_i[1], n0, kBlockN)};
+    const float* mask_row = sMask + (stage * kBlockM + warp * 16 + g) * Tr::kMaskPitch;
+    const uint32_t keep = dropout_bits_rows<kNT>(drop, row_i, n0);
 #pragma unroll
     for (int nt = 0; nt < kNT; ++nt) {
 #pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        const int64_t j = n0 + nt * 8 + 2 * t;
-        float z0 = 1.0f, z1 = 1.0f;
-        if (drop.on) drop.pair(row_i[r], j, z0, z1);
-#pragma unroll
-        for (int c = 0; c < 2; ++c) {
-          const int e = 2 * r + c;
-          float grad;
-          const float sc = plain ? mods.capped(s[nt][e], grad) : mods.score(s[nt][e], row_i[r], j + c, grad);
-          const float p = sc == -INFINITY ? 0.0f : exp2f(sc * kLog2e - lse_log2[r]);
-          s[nt][e] = p * (dp[nt][e] * (c == 0 ? z0 : z1) - delta[r]) * grad;  // dS
+      for (int e = 0; e < 4; ++e) {
+        const int col = nt * 8 + 2 * t + (e & 1), r = e >> 1;
+        float grad;
+        float sc = mods.capped(s[nt][e], grad);
+        if (!plain) {
+          const float mask_value = mods.mask_kind != 0 ? mask_row[r * 8 * Tr::kMaskPitch + col] : 0.0f;
+          sc = mods.finish(sc, col, span[r], mask_value);
         }
+        const float p = sc == -INFINITY ? 0.0f : exp2f(sc * kLog2e - lse_log2[r]);
+        const float z = drop.on ? drop.factor(keep, 2 * (r * kNT + nt) + (e & 1)) : 1.0f;
+        s[nt][e] = p * (dp[nt][e] * z - delta[r]) * grad;  // dS
       }
     }
     warp_gemm_cb<kNT>(acc_dq, s, scratch, Tr::kScratchPitch, sKs, kPitch, a.dim_qk);
@@ -402,14 +433,16 @@ void attention_backward(const AttentionBackwardParams& p, cudaStream_t stream) {
       if (p.fwd.len_kv > 0 && p.fwd.heads_kv > 0) {
         using Tr = attn::BackwardKVTraits<T, kDim>;
         const unsigned grid = attn::grid_size((p.fwd.len_kv + Tr::kBlockN - 1) / Tr::kBlockN, p.fwd.heads_kv, p.fwd.batch);
-        attn::prepare_smem(attn::attention_backward_dkdv_kernel<T, kDim>, Tr::kSmemBytes);
-        SIMT_LAUNCH((attn::attention_backward_dkdv_kernel<T, kDim>), grid, Tr::kThreads, Tr::kSmemBytes, stream, args);
+        const size_t smem = Tr::kSmemBytes + (args.mask_kind != 0 ? Tr::kMaskBytes : 0);
+        attn::prepare_smem(attn::attention_backward_dkdv_kernel<T, kDim>, smem);
+        SIMT_LAUNCH((attn::attention_backward_dkdv_kernel<T, kDim>), grid, Tr::kThreads, smem, stream, args);
       }
       if (p.fwd.len_q > 0 && p.fwd.heads_q > 0) {
         using Tr = attn::BackwardQTraits<T, kDim>;
         const unsigned grid = attn::grid_size((p.fwd.len_q + Tr::kBlockM - 1) / Tr::kBlockM, p.fwd.heads_q, p.fwd.batch);
-        attn::prepare_smem(attn::attention_backward_dq_kernel<T, kDim>, Tr::kSmemBytes);
-        SIMT_LAUNCH((attn::attention_backward_dq_kernel<T, kDim>), grid, Tr::kThreads, Tr::kSmemBytes, stream, args);
+        const size_t smem = Tr::kSmemBytes + (args.mask_kind != 0 ? Tr::kMaskBytes : 0);
+        attn::prepare_smem(attn::attention_backward_dq_kernel<T, kDim>, smem);
+        SIMT_LAUNCH((attn::attention_backward_dq_kernel<T, kDim>), grid, Tr::kThreads, smem, stream, args);
       }
     });
   });

@@ -152,6 +152,13 @@ FUSEDOPS_DEVICE T* row_pointer(P* base, const int64_t (&stride)[3], int b, int h
   return static_cast<T*>(base) + b * stride[0] + h * stride[1] + row * stride[2];
 }
 
+// The visible columns [lo, hi) of one accumulator row within a tile, and ALiBi's zero-distance column
+// (fractional columns never occur; a float keeps the per-element arithmetic in one register).
+struct RowSpan {
+  int lo, hi;
+  float diag;
+};
+
 // Which keys row i sees and how its scores are modified, for one (batch, head).
 struct ScoreMods {
   float scale, softcap, inv_softcap, slope;
@@ -181,26 +188,42 @@ struct ScoreMods {
     return s;
   }
 
-  // The final score of (row i, key j), -inf when j is not visible from i.
-  FUSEDOPS_DEVICE float score(float dot, int64_t i, int64_t j, float& grad) const {
-    float s = capped(dot, grad);
-    bool visible = i >= 0 && i < len_q && j >= 0 && j < len_k && (window_left < 0 || j >= i + shift - window_left) &&
-                   (window_right < 0 || j <= i + shift + window_right);
-    if (!visible) return -INFINITY;
-    if (slope != 0.0f) s -= slope * fabsf(static_cast<float>(i + shift - j));
-    if (mask_kind != 0) {
-      const int64_t at = i * mask_row_stride + j * mask_col_stride;
-      if (mask_kind == static_cast<int>(AttentionMask::boolean)) {
-        if (static_cast<const unsigned char*>(mask)[at] == 0) return -INFINITY;
-      } else if (mask_dtype == static_cast<int>(DType::f16)) {
-        s += __half2float(static_cast<const __half*>(mask)[at]);
-      } else if (mask_dtype == static_cast<int>(DType::bf16)) {
-        s += __bfloat162float(static_cast<const __nv_bfloat16*>(mask)[at]);
-      } else {
-        s += static_cast<const float*>(mask)[at];
-      }
-    }
-    return s;
+  // Query row i against the key tile starting at n0 (width n): which of its columns are visible.
+  FUSEDOPS_DEVICE RowSpan query_row(int64_t i, int64_t n0, int n) const {
+    if (i >= len_q) return RowSpan{0, 0, 0.0f};
+    int64_t lo = 0, hi = len_k;
+    if (window_left >= 0) lo = max64(lo, i + shift - window_left);
+    if (window_right >= 0) hi = min64(hi, i + shift + window_right + 1);
+    return span(lo - n0, hi - n0, n, static_cast<float>(i + shift - n0));
+  }
+  // Key j against the query tile starting at m0 (width m): which queries (columns) see it.
+  FUSEDOPS_DEVICE RowSpan key_row(int64_t j, int64_t m0, int m) const {
+    if (j >= len_k) return RowSpan{0, 0, 0.0f};
+    int64_t lo = 0, hi = len_q;
+    if (window_right >= 0) lo = max64(lo, j - shift - window_right);
+    if (window_left >= 0) hi = min64(hi, j - shift + window_left + 1);
+    return span(lo - m0, hi - m0, m, static_cast<float>(j - shift - m0));
+  }
+  FUSEDOPS_DEVICE static RowSpan span(int64_t lo, int64_t hi, int n, float diag) {
+    const int l = static_cast<int>(min64(max64(lo, 0), n)), h = static_cast<int>(min64(max64(hi, 0), n));
+    return RowSpan{l, h > l ? h : l, diag};
+  }
+
+  // The final score of column `col` of a row: ALiBi and the (additive form of the) mask added, -inf
+  // outside the row's visible span. `mask_value` is 0 without a mask.
+  FUSEDOPS_DEVICE float finish(float s, int col, const RowSpan& row, float mask_value) const {
+    if (col < row.lo || col >= row.hi) return -INFINITY;
+    return s - slope * fabsf(row.diag - static_cast<float>(col)) + mask_value;
+  }
+
+  // The mask at (i, j) as an additive term: a false boolean entry is -inf.
+  FUSEDOPS_DEVICE float mask_at(int64_t i, int64_t j) const {
+    const int64_t at = i * mask_row_stride + j * mask_col_stride;
+    if (mask_kind == static_cast<int>(AttentionMask::boolean))
+      return static_cast<const unsigned char*>(mask)[at] != 0 ? 0.0f : -INFINITY;
+    if (mask_dtype == static_cast<int>(DType::f16)) return __half2float(static_cast<const __half*>(mask)[at]);
+    if (mask_dtype == static_cast<int>(DType::bf16)) return __bfloat162float(static_cast<const __nv_bfloat16*>(mask)[at]);
+    return static_cast<const float*>(mask)[at];
   }
 };
 
@@ -229,32 +252,65 @@ FUSEDOPS_DEVICE ScoreMods score_mods_of(const KernelArgs& a, const Sequence& seq
   return m;
 }
 
+// Loads the mask over query rows [i0, i0 + kRows) × keys [j0, j0 + kCols) into shared memory as additive
+// fp32 terms (row pitch kPitch), so the per-element code reads one float whatever the mask's kind and
+// dtype, and global reads are coalesced along the keys. Entries outside the sequence are 0 (those
+// elements are invisible anyway). Synchronous stores: the barrier that publishes the K/V tile publishes
+// this too.
+template <int kRows, int kCols, int kPitch, int kThreads>
+FUSEDOPS_DEVICE void load_mask_tile(float* smem, const ScoreMods& m, int64_t i0, int64_t j0, int tid) {
+#pragma unroll 1
+  for (int x = tid; x < kRows * kCols; x += kThreads) {
+    const int r = x / kCols, c = x % kCols;
+    const int64_t i = i0 + r, j = j0 + c;
+    smem[r * kPitch + c] = i < m.len_q && j < m.len_k ? m.mask_at(i, j) : 0.0f;
+  }
+}
+
 // Dropout of attention.h: (b, h, i, j) is kept iff philox_group(seed, stream_i, j / 4).x[j % 4] >= threshold.
+// The kernels evaluate it in rolled loops into keep bitmasks, so Philox's ten rounds appear once in the
+// code rather than once per accumulator element.
 struct Dropout {
   bool on;
   uint32_t threshold;
   float scale;
   uint64_t seed, stream0;  // stream of row 0 of this (batch, head)
 
-  // Keep factors (0 or 1/(1-p)) of keys j and j + 1 of row i, j even: one Philox call serves both.
-  FUSEDOPS_DEVICE void pair(int64_t i, int64_t j, float& z0, float& z1) const {
+  // Keep bits of keys j and j + 1 of row i (j even: one Philox call serves both), in bits 0 and 1.
+  FUSEDOPS_DEVICE uint32_t pair(int64_t i, int64_t j) const {
     const Philox4 r = philox_group(seed, stream0 + static_cast<uint64_t>(i), static_cast<uint64_t>(j) >> 2);
     // Selects instead of r.x[j & 3]: a dynamic index would put r in local memory.
     const bool high = (j & 2) != 0;
     const uint32_t x0 = high ? r.x[2] : r.x[0], x1 = high ? r.x[3] : r.x[1];
-    z0 = x0 >= threshold ? scale : 0.0f;
-    z1 = x1 >= threshold ? scale : 0.0f;
+    return (x0 >= threshold ? 1u : 0u) | (x1 >= threshold ? 2u : 0u);
   }
-  FUSEDOPS_DEVICE float one(int64_t i, int64_t j) const {
+  FUSEDOPS_DEVICE uint32_t one(int64_t i, int64_t j) const {
     const Philox4 r = philox_group(seed, stream0 + static_cast<uint64_t>(i), static_cast<uint64_t>(j) >> 2);
     const uint32_t lo = (j & 1) ? r.x[1] : r.x[0], hi = (j & 1) ? r.x[3] : r.x[2];
-    return ((j & 2) ? hi : lo) >= threshold ? scale : 0.0f;
+    return ((j & 2) ? hi : lo) >= threshold ? 1u : 0u;
   }
+  FUSEDOPS_DEVICE float factor(uint32_t bits, int bit) const { return (bits >> bit) & 1u ? scale : 0.0f; }
 };
 
 FUSEDOPS_DEVICE Dropout dropout_of(const KernelArgs& a, int b, int h) {
   return Dropout{a.dropout, a.dropout_threshold, a.dropout_scale, a.dropout_seed,
                  a.dropout_offset + (static_cast<uint64_t>(b) * a.heads_q + h) * static_cast<uint64_t>(a.len_q)};
+}
+
+// Keep bits of a thread's accumulator elements in the mma layout (rows row_i[0..1], keys n0 + nt·8 + 2t
+// + c): bit 2·(r·kNT + nt) + c. All ones without dropout.
+template <int kNT>
+FUSEDOPS_DEVICE uint32_t dropout_bits_rows(const Dropout& drop, const int64_t (&row_i)[2], int64_t n0) {
+  static_assert(2 * 2 * kNT <= 32, "one 32-bit mask per tile");
+  if (!drop.on) return 0xffffffffu;
+  const int t = threadIdx.x % 4;
+  uint32_t bits = 0;
+#pragma unroll 1
+  for (int x = 0; x < 2 * kNT; ++x) {
+    const int r = x / kNT, nt = x % kNT;
+    bits |= drop.pair(r == 0 ? row_i[0] : row_i[1], n0 + nt * 8 + 2 * t) << (2 * x);
+  }
+  return bits;
 }
 
 // ---- tiles between global and shared memory ----------------------------------------------------------
@@ -384,21 +440,17 @@ FUSEDOPS_DEVICE void warp_gemm_ab(float (&acc)[kNTiles][4], const T* sA, int pit
     const float* a0p = sA + g * pitch_a;
     const float* a1p = a0p + 8 * pitch_a;
     const float* bp = sB + 2 * t;
-#pragma unroll 1
-    for (int k = 0; k < k_len; k += 4) {
-      const float4 a0v = *reinterpret_cast<const float4*>(a0p + k), a1v = *reinterpret_cast<const float4*>(a1p + k);
-      const float a0[4] = {a0v.x, a0v.y, a0v.z, a0v.w}, a1[4] = {a1v.x, a1v.y, a1v.z, a1v.w};
+#pragma unroll 2
+    for (int k = 0; k < k_len; ++k) {
+      const float a0 = a0p[k], a1 = a1p[k];
 #pragma unroll
-      for (int kq = 0; kq < 4; ++kq) {
-#pragma unroll
-        for (int nt = 0; nt < kNTiles; ++nt) {
-          if (nt * 8 >= n_len) break;
-          const float2 b = *reinterpret_cast<const float2*>(bp + (k + kq) * pitch_b + nt * 8);
-          acc[nt][0] = fmaf(a0[kq], b.x, acc[nt][0]);
-          acc[nt][1] = fmaf(a0[kq], b.y, acc[nt][1]);
-          acc[nt][2] = fmaf(a1[kq], b.x, acc[nt][2]);
-          acc[nt][3] = fmaf(a1[kq], b.y, acc[nt][3]);
-        }
+      for (int nt = 0; nt < kNTiles; ++nt) {
+        if (nt * 8 >= n_len) break;
+        const float2 b = *reinterpret_cast<const float2*>(bp + k * pitch_b + nt * 8);
+        acc[nt][0] = fmaf(a0, b.x, acc[nt][0]);
+        acc[nt][1] = fmaf(a0, b.y, acc[nt][1]);
+        acc[nt][2] = fmaf(a1, b.x, acc[nt][2]);
+        acc[nt][3] = fmaf(a1, b.y, acc[nt][3]);
       }
     }
   } else {
@@ -528,6 +580,9 @@ FUSEDOPS_DEVICE BlockCoord block_coord(int tiles, int heads) {
   c.batch = static_cast<int>(x / static_cast<unsigned>(heads));
   return c;
 }
+
+// sm_80's opt-in limit per block (sm_90 allows 227 KiB).
+constexpr size_t kMaxSmemBytes = 163 * 1024;
 
 template <class Kernel>
 void prepare_smem(Kernel kernel, size_t bytes) {

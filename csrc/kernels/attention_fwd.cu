@@ -28,15 +28,19 @@ struct ForwardTraits {
   static constexpr int kWarps = 4;
   static constexpr int kThreads = 32 * kWarps;
   static constexpr int kBlockM = 16 * kWarps;
-  // Score tile width: the accumulators (kDim / 2 per thread for O, kBlockN / 2 for S) stay within
-  // registers at kDim 256 with 32 keys per tile.
-  static constexpr int kBlockN = kTensorCores && kDim <= 128 ? 64 : 32;
-  static constexpr int kStages = kTensorCores || kDim <= 128 ? 2 : 1;  // fp32 at 256 would need 200 KiB
+  // Score tile width: the accumulators (kDim / 2 floats per thread for O, kBlockN / 2 for S) must stay
+  // in registers at kDim 256; fp32 needs more registers around its FMA products than mma does.
+  static constexpr int kBlockN = kDim <= 128 ? (kTensorCores ? 64 : 32) : (kTensorCores ? 32 : 16);
+  static constexpr int kStages = 2;
   static constexpr int kPitch = kDim + 16 / static_cast<int>(sizeof(T));  // 16-byte skew: conflict-free ldmatrix
   static constexpr int kScratchPitch = kBlockN + 4;                        // fp32 P staging
   static constexpr size_t kTileBytes = sizeof(T) * static_cast<size_t>(kPitch);
   static constexpr size_t kSmemBytes = kTileBytes * (kBlockM + 2 * kStages * kBlockN) +
                                        (kTensorCores ? 0 : sizeof(float) * kBlockM * kScratchPitch);
+  // Masked calls also stage each tile's mask as fp32 (allocated only when there is a mask).
+  static constexpr int kMaskPitch = kBlockN + 4;
+  static constexpr size_t kMaskBytes = sizeof(float) * kStages * kBlockM * kMaskPitch;
+  static_assert(kSmemBytes + kMaskBytes <= kMaxSmemBytes, "shared memory beyond sm_80's limit");
 };
 
 template <class T, int kDim>
@@ -70,6 +74,7 @@ __global__ void FUSEDOPS_LAUNCH_BOUNDS(ForwardTraits<T, kDim>::kThreads, 1)
   T* sK = sQ + kBlockM * kPitch;
   T* sV = sK + Tr::kStages * kBlockN * kPitch;
   float* scratch = reinterpret_cast<float*>(sV + Tr::kStages * kBlockN * kPitch) + warp * 16 * Tr::kScratchPitch;
+  float* sMask = reinterpret_cast<float*>(sV + Tr::kStages * kBlockN * kPitch) + (Tr::kTensorCores ? 0 : kBlockM * Tr::kScratchPitch);
 
   const T* q = row_pointer<const T>(a.q, a.q_stride, b, h, seq.q_row0 + m0);
   const T* k = row_pointer<const T>(a.k, a.k_stride, b, kvh, seq.k_row0);
@@ -81,6 +86,8 @@ __global__ void FUSEDOPS_LAUNCH_BOUNDS(ForwardTraits<T, kDim>::kThreads, 1)
                                                   keys, a.dim_qk, a.vector_io, tid);
     load_tile<T, kBlockN, kDim, kPitch, kThreads>(sV + stage * kBlockN * kPitch, v + n0 * a.v_stride[2], a.v_stride[2],
                                                   keys, a.dim_v, a.vector_io, tid);
+    if (mods.mask_kind != 0)
+      load_mask_tile<kBlockM, kBlockN, Tr::kMaskPitch, kThreads>(sMask + stage * kBlockM * Tr::kMaskPitch, mods, m0, n0, tid);
   };
   if (n_begin < n_end) load_kv(n_begin, 0);
   simt::cp_async_commit();
@@ -122,15 +129,22 @@ __global__ void FUSEDOPS_LAUNCH_BOUNDS(ForwardTraits<T, kDim>::kThreads, 1)
         }
       }
     } else {
+      const RowSpan span[2] = {mods.query_row(row_i[0], n0, kBlockN), mods.query_row(row_i[1], n0, kBlockN)};
+      const float* mask_row = sMask + (stage * kBlockM + warp * 16 + g) * Tr::kMaskPitch;
 #pragma unroll
       for (int nt = 0; nt < kNT; ++nt) {
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
+          const int col = nt * 8 + 2 * t + (e & 1), r = e >> 1;
           float grad;
-          s[nt][e] = mods.score(s[nt][e], row_i[e >> 1], n0 + nt * 8 + 2 * t + (e & 1), grad);
+          const float capped = mods.capped(s[nt][e], grad);
+          const float mask_value = mods.mask_kind != 0 ? mask_row[r * 8 * Tr::kMaskPitch + col] : 0.0f;
+          s[nt][e] = mods.finish(capped, col, span[r], mask_value);
         }
       }
     }
+
+    const uint32_t keep = dropout_bits_rows<kNT>(drop, row_i, n0);
 
     // Online softmax; a row that has seen no visible key yet keeps max -inf and exponentiates
     // against 0, so it produces zeros, never NaN.
@@ -153,12 +167,14 @@ __global__ void FUSEDOPS_LAUNCH_BOUNDS(ForwardTraits<T, kDim>::kThreads, 1)
       }
 #pragma unroll
       for (int nt = 0; nt < kNT; ++nt) {
-        const float p0 = exp2f(s[nt][2 * r] * kLog2e - base), p1 = exp2f(s[nt][2 * r + 1] * kLog2e - base);
+        float p0 = exp2f(s[nt][2 * r] * kLog2e - base), p1 = exp2f(s[nt][2 * r + 1] * kLog2e - base);
         row_sum[r] += p0 + p1;  // the normalizer counts dropped keys too
-        float z0 = 1.0f, z1 = 1.0f;
-        if (drop.on) drop.pair(row_i[r], n0 + nt * 8 + 2 * t, z0, z1);
-        s[nt][2 * r] = p0 * z0;
-        s[nt][2 * r + 1] = p1 * z1;
+        if (drop.on) {
+          p0 *= drop.factor(keep, 2 * (r * kNT + nt));
+          p1 *= drop.factor(keep, 2 * (r * kNT + nt) + 1);
+        }
+        s[nt][2 * r] = p0;
+        s[nt][2 * r + 1] = p1;
       }
     }
 
@@ -206,8 +222,9 @@ void attention_forward(const AttentionForwardParams& p, cudaStream_t stream) {
       constexpr int kDim = decltype(dim_tag)::value;
       using Tr = attn::ForwardTraits<T, kDim>;
       const unsigned grid = attn::grid_size((p.len_q + Tr::kBlockM - 1) / Tr::kBlockM, p.heads_q, p.batch);
-      attn::prepare_smem(attn::attention_forward_kernel<T, kDim>, Tr::kSmemBytes);
-      SIMT_LAUNCH((attn::attention_forward_kernel<T, kDim>), grid, Tr::kThreads, Tr::kSmemBytes, stream, args);
+      const size_t smem = Tr::kSmemBytes + (args.mask_kind != 0 ? Tr::kMaskBytes : 0);
+      attn::prepare_smem(attn::attention_forward_kernel<T, kDim>, smem);
+      SIMT_LAUNCH((attn::attention_forward_kernel<T, kDim>), grid, Tr::kThreads, smem, stream, args);
     });
   });
 }
