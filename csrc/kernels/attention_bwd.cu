@@ -5,20 +5,20 @@
 // from the forward's log-sum-exp, in three kernels:
 //   1. delta = rowsum(dO ∘ O) per query row, into the caller's workspace (the softmax Jacobian term;
 //      with dropout it equals rowsum(P ∘ Z ∘ dP̃), so it stays correct).
-//   2. dK/dV: one block per (64-key tile, kv head, batch entry), iterating over the query heads of its
-//      GQA group and the Q tiles its window reaches (two-stage cp.async pipeline). Phase 1 computes Sᵀ =
+//   2. dK/dV: one block per (key tile of 64, 32 for fp32; kv head; batch entry), iterating over the query
+//      heads of its GQA group and the Q tiles its window reaches (two-stage cp.async pipeline). Phase 1 computes Sᵀ =
 //      K Qᵀ and dPᵀ = V dOᵀ (warps split keys × queries) and writes P∘Z and dS to shared memory; phase 2
 //      accumulates dV += (P∘Z)ᵀ dO and dK += dSᵀ Q in registers (warps split keys × head dim, which keeps
 //      the accumulators of head dim 256 spill-free). dK and dV are complete without atomics.
-//   3. dQ: one block per (64-row Q tile, query head, batch entry), iterating over K tiles like the
+//   3. dQ: one block per (Q tile of 64 rows; query head; batch entry), iterating over K tiles like the
 //      forward: recompute S and dP, form dS, accumulate dQ += dS K with dS in registers.
 // Determinism: every output element is summed by one thread in a fixed order, so results are bitwise
 // identical run to run (for `deterministic` true or false: there is no atomic path). The price is the
 // separate dQ pass, which recomputes Q Kᵀ and dO Vᵀ: 7 tile products instead of FlashAttention-2's 5
 // (about 1.4× the backward's tensor-core work), against FA2's fp32 atomicAdd of dQ partials.
 //
-// Limits: as the forward (head dims multiples of 8 in [8, 256]; ≤ 143 KiB of shared memory per block;
-// element-wise copies for rows that are not 16-byte aligned). fp32 uses FMA products.
+// Limits: as the forward (head dims multiples of 8 in [8, 256]; up to 160 KiB of shared memory per
+// block; element-wise copies for rows that are not 16-byte aligned). fp32 uses FMA products.
 #include "attention_common.cuh"
 
 namespace fusedops::FUSEDOPS_BACKEND {
@@ -251,16 +251,20 @@ template <class T, int kDim_>
 struct BackwardQTraits {
   static constexpr bool kTensorCores = sizeof(T) == 2;
   static constexpr int kDim = kDim_;
-  static constexpr int kWarps = !kTensorCores && kDim > 128 ? 2 : 4;
+  static constexpr int kRowWarps = !kTensorCores && kDim > 128 ? 2 : 4;
+  static constexpr int kColSplit = !kTensorCores && kDim > 128 ? 2 : 1;  // as in ForwardTraits
+  static constexpr int kOutCols = kDim / kColSplit;
+  static constexpr int kWarps = kRowWarps * kColSplit;
   static constexpr int kThreads = 32 * kWarps;
-  static constexpr int kBlockM = 16 * kWarps;
-  // S, dP (kBlockN / 2 floats each per thread) and dQ (kDim / 2) live together: 32 keys per tile.
-  static constexpr int kBlockN = kTensorCores || kDim <= 128 ? 32 : 16;
+  static constexpr int kBlockM = 16 * kRowWarps;
+  // S, dP (kBlockN / 2 floats each per thread) and dQ (kDim / 2) live together: 32 keys per tile, 16
+  // above head dim 128 (which keeps ~40 registers of headroom under the 255 limit).
+  static constexpr int kBlockN = kDim <= 128 ? 32 : 16;
   static constexpr int kStages = 2;
   static constexpr int kPitch = kDim + 16 / static_cast<int>(sizeof(T));
   static constexpr int kScratchPitch = kBlockN + 4;
   static constexpr size_t kSmemBytes = sizeof(T) * static_cast<size_t>(kPitch) * (2 * kBlockM + 2 * kStages * kBlockN) +
-                                       (kTensorCores ? 0 : sizeof(float) * kBlockM * kScratchPitch);
+                                       (kTensorCores ? 0 : sizeof(float) * 16 * kWarps * kScratchPitch);
   static constexpr int kMaskPitch = kBlockN + 4;
   static constexpr size_t kMaskBytes = sizeof(float) * kStages * kBlockM * kMaskPitch;
   static_assert(kSmemBytes + kMaskBytes <= kMaxSmemBytes, "shared memory beyond sm_80's limit");
@@ -271,7 +275,7 @@ __global__ void FUSEDOPS_LAUNCH_BOUNDS(BackwardQTraits<T, kDim>::kThreads, 1) at
   using Tr = BackwardQTraits<T, kDim>;
   constexpr int kBlockM = Tr::kBlockM, kBlockN = Tr::kBlockN, kPitch = Tr::kPitch, kThreads = Tr::kThreads;
   constexpr int kNT = kBlockN / 8;
-  constexpr int kOT = kDim / 8;
+  constexpr int kOT = Tr::kOutCols / 8;
 
   const BlockCoord at = block_coord((a.len_q + kBlockM - 1) / kBlockM, a.heads_q);
   const int b = at.batch, h = at.head, kvh = h / a.group;
@@ -281,6 +285,7 @@ __global__ void FUSEDOPS_LAUNCH_BOUNDS(BackwardQTraits<T, kDim>::kThreads, 1) at
   const int rows = min(kBlockM, seq.len_q - m0);
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
+  const int row_warp = warp % Tr::kRowWarps, col0 = warp / Tr::kRowWarps * Tr::kOutCols;
   const ScoreMods mods = score_mods_of(a, seq, b, h);
   const Dropout drop = dropout_of(a, b, h);
 
@@ -296,7 +301,8 @@ __global__ void FUSEDOPS_LAUNCH_BOUNDS(BackwardQTraits<T, kDim>::kThreads, 1) at
   T* sK = sdO + kBlockM * kPitch;
   T* sV = sK + Tr::kStages * kBlockN * kPitch;
   float* scratch = reinterpret_cast<float*>(sV + Tr::kStages * kBlockN * kPitch) + warp * 16 * Tr::kScratchPitch;
-  float* sMask = reinterpret_cast<float*>(sV + Tr::kStages * kBlockN * kPitch) + (Tr::kTensorCores ? 0 : kBlockM * Tr::kScratchPitch);
+  float* sMask = reinterpret_cast<float*>(sV + Tr::kStages * kBlockN * kPitch) +
+                 (Tr::kTensorCores ? 0 : 16 * Tr::kWarps * Tr::kScratchPitch);
 
   load_tile<T, kBlockM, kDim, kPitch, kThreads>(sQ, row_pointer<const T>(a.q, a.q_stride, b, h, seq.q_row0 + m0),
                                                 a.q_stride[2], rows, a.dim_qk, a.vector_io, tid);
@@ -316,7 +322,7 @@ __global__ void FUSEDOPS_LAUNCH_BOUNDS(BackwardQTraits<T, kDim>::kThreads, 1) at
   if (n_begin < n_end) load_kv(n_begin, 0);
   simt::cp_async_commit();
 
-  const int64_t row_i[2] = {static_cast<int64_t>(m0) + warp * 16 + g, static_cast<int64_t>(m0) + warp * 16 + g + 8};
+  const int64_t row_i[2] = {static_cast<int64_t>(m0) + row_warp * 16 + g, static_cast<int64_t>(m0) + row_warp * 16 + g + 8};
   float lse_log2[2], delta[2];
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
@@ -348,13 +354,13 @@ __global__ void FUSEDOPS_LAUNCH_BOUNDS(BackwardQTraits<T, kDim>::kThreads, 1) at
     for (int nt = 0; nt < kNT; ++nt)
 #pragma unroll
       for (int e = 0; e < 4; ++e) s[nt][e] = dp[nt][e] = 0.0f;
-    warp_gemm_abt<kDim>(s, sQ + warp * 16 * kPitch, kPitch, sKs, kPitch, a.dim_qk);
-    warp_gemm_abt<kDim>(dp, sdO + warp * 16 * kPitch, kPitch, sVs, kPitch, a.dim_v);
+    warp_gemm_abt<kDim>(s, sQ + row_warp * 16 * kPitch, kPitch, sKs, kPitch, a.dim_qk);
+    warp_gemm_abt<kDim>(dp, sdO + row_warp * 16 * kPitch, kPitch, sVs, kPitch, a.dim_v);
 
     const bool plain = mods.elementwise_free() && n0 + kBlockN <= seq.len_k &&
                        mods.tile_inside_window(m0, m0 + rows, n0, n0 + kBlockN);
     const RowSpan span[2] = {mods.query_row(row_i[0], n0, kBlockN), mods.query_row(row_i[1], n0, kBlockN)};
-    const float* mask_row = sMask + (stage * kBlockM + warp * 16 + g) * Tr::kMaskPitch;
+    const float* mask_row = sMask + (stage * kBlockM + row_warp * 16 + g) * Tr::kMaskPitch;
     const uint32_t keep = dropout_bits_rows<kNT>(drop, row_i, n0);
 #pragma unroll
     for (int nt = 0; nt < kNT; ++nt) {
@@ -372,7 +378,7 @@ __global__ void FUSEDOPS_LAUNCH_BOUNDS(BackwardQTraits<T, kDim>::kThreads, 1) at
         s[nt][e] = p * (dp[nt][e] * z - delta[r]) * grad;  // dS
       }
     }
-    warp_gemm_cb<kNT>(acc_dq, s, scratch, Tr::kScratchPitch, sKs, kPitch, a.dim_qk);
+    warp_gemm_cb<kNT>(acc_dq, s, scratch, Tr::kScratchPitch, sKs + col0, kPitch, a.dim_qk - col0);
     __syncthreads();
     if constexpr (Tr::kStages == 1) {
       if (n + 1 < n_end) load_kv(n + 1, 0);
@@ -382,12 +388,13 @@ __global__ void FUSEDOPS_LAUNCH_BOUNDS(BackwardQTraits<T, kDim>::kThreads, 1) at
 
   simt::cp_async_wait<0>();
   __syncthreads();
-  T* sdQ = sQ + warp * 16 * kPitch;  // this warp's rows of sQ, no longer read
+  T* sdQ = sQ + row_warp * 16 * kPitch + col0;  // this warp's rows and columns of sQ, no longer read
   store_accumulators<T, kOT>(sdQ, kPitch, acc_dq, a.scale, a.scale);
   __syncwarp();
-  const int warp_row0 = m0 + warp * 16;
-  store_tile<T, 16, kDim, kPitch, 32>(row_pointer<T>(a.dq, a.dq_stride, b, h, seq.q_row0 + warp_row0), a.dq_stride[2], sdQ,
-                                      min(16, seq.len_q - warp_row0), a.dim_qk, a.vector_io, lane);
+  const int warp_row0 = m0 + row_warp * 16;
+  store_tile<T, 16, Tr::kOutCols, kPitch, 32>(row_pointer<T>(a.dq, a.dq_stride, b, h, seq.q_row0 + warp_row0) + col0,
+                                              a.dq_stride[2], sdQ, min(16, seq.len_q - warp_row0), a.dim_qk - col0,
+                                              a.vector_io, lane);
 }
 
 KernelArgs backward_args(const AttentionBackwardParams& p) {

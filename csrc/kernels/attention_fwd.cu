@@ -11,11 +11,14 @@
 // carrying a mask or ALiBi take the per-element path. fp32 inputs run the same algorithm with FMA
 // products (attention_common.cuh), for exactness rather than speed.
 //
+// Masks are staged per tile in shared memory as fp32 additive terms (coalesced loads, one float per
+// element in the inner loop whatever the mask's kind or dtype).
+//
 // Limits: head dims multiples of 8 in [8, 256] (q/k and v may differ; the tile width is the larger
 // rounded up to 32 — 8 instantiations for fp16/bf16, 3 for fp32 — and zero-padded 16-column slices are
-// skipped); shared memory ≤ 142 KiB per block (sm_80/sm_90; sm_86/89 opt-in limits are lower). Rows that
-// are not 16-byte aligned fall back to element-wise copies. No Hopper (wgmma/TMA) path yet: the tile
-// configuration lives in ForwardTraits so one can be added next to this one.
+// skipped). Up to 150 KiB of shared memory per block (fits sm_80 and sm_90, not the 99 KiB of sm_86/89).
+// Rows that are not 16-byte aligned fall back to element-wise copies. No Hopper (wgmma/TMA) path yet:
+// the tile configuration lives in ForwardTraits so one can be added next to this one.
 #include "attention_common.cuh"
 
 namespace fusedops::FUSEDOPS_BACKEND {
@@ -25,9 +28,14 @@ template <class T, int kDim_>
 struct ForwardTraits {
   static constexpr bool kTensorCores = sizeof(T) == 2;
   static constexpr int kDim = kDim_;
-  static constexpr int kWarps = 4;
+  static constexpr int kRowWarps = 4;  // each owns 16 query rows
+  // fp32 at kDim 256 splits the output columns between two warps per 16 rows (both compute the same
+  // scores): 128 fp32 accumulators plus the FMA path's operands do not fit one thread's registers.
+  static constexpr int kColSplit = !kTensorCores && kDim > 128 ? 2 : 1;
+  static constexpr int kOutCols = kDim / kColSplit;
+  static constexpr int kWarps = kRowWarps * kColSplit;
   static constexpr int kThreads = 32 * kWarps;
-  static constexpr int kBlockM = 16 * kWarps;
+  static constexpr int kBlockM = 16 * kRowWarps;
   // Score tile width: the accumulators (kDim / 2 floats per thread for O, kBlockN / 2 for S) must stay
   // in registers at kDim 256; fp32 needs more registers around its FMA products than mma does.
   static constexpr int kBlockN = kDim <= 128 ? (kTensorCores ? 64 : 32) : (kTensorCores ? 32 : 16);
@@ -36,7 +44,7 @@ struct ForwardTraits {
   static constexpr int kScratchPitch = kBlockN + 4;                        // fp32 P staging
   static constexpr size_t kTileBytes = sizeof(T) * static_cast<size_t>(kPitch);
   static constexpr size_t kSmemBytes = kTileBytes * (kBlockM + 2 * kStages * kBlockN) +
-                                       (kTensorCores ? 0 : sizeof(float) * kBlockM * kScratchPitch);
+                                       (kTensorCores ? 0 : sizeof(float) * 16 * kWarps * kScratchPitch);
   // Masked calls also stage each tile's mask as fp32 (allocated only when there is a mask).
   static constexpr int kMaskPitch = kBlockN + 4;
   static constexpr size_t kMaskBytes = sizeof(float) * kStages * kBlockM * kMaskPitch;
@@ -49,7 +57,7 @@ __global__ void FUSEDOPS_LAUNCH_BOUNDS(ForwardTraits<T, kDim>::kThreads, 1)
   using Tr = ForwardTraits<T, kDim>;
   constexpr int kBlockM = Tr::kBlockM, kBlockN = Tr::kBlockN, kPitch = Tr::kPitch, kThreads = Tr::kThreads;
   constexpr int kNT = kBlockN / 8;  // score n-tiles per warp
-  constexpr int kOT = kDim / 8;     // output n-tiles per warp
+  constexpr int kOT = Tr::kOutCols / 8;  // output n-tiles per warp
 
   const BlockCoord at = block_coord((a.len_q + kBlockM - 1) / kBlockM, a.heads_q);
   const int b = at.batch, h = at.head, kvh = h / a.group;
@@ -59,6 +67,7 @@ __global__ void FUSEDOPS_LAUNCH_BOUNDS(ForwardTraits<T, kDim>::kThreads, 1)
   const int rows = min(kBlockM, seq.len_q - m0);
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
+  const int row_warp = warp % Tr::kRowWarps, col0 = warp / Tr::kRowWarps * Tr::kOutCols;
   const ScoreMods mods = score_mods_of(a, seq, b, h);
   const Dropout drop = dropout_of(a, b, h);
 
@@ -74,7 +83,8 @@ __global__ void FUSEDOPS_LAUNCH_BOUNDS(ForwardTraits<T, kDim>::kThreads, 1)
   T* sK = sQ + kBlockM * kPitch;
   T* sV = sK + Tr::kStages * kBlockN * kPitch;
   float* scratch = reinterpret_cast<float*>(sV + Tr::kStages * kBlockN * kPitch) + warp * 16 * Tr::kScratchPitch;
-  float* sMask = reinterpret_cast<float*>(sV + Tr::kStages * kBlockN * kPitch) + (Tr::kTensorCores ? 0 : kBlockM * Tr::kScratchPitch);
+  float* sMask = reinterpret_cast<float*>(sV + Tr::kStages * kBlockN * kPitch) +
+                 (Tr::kTensorCores ? 0 : 16 * Tr::kWarps * Tr::kScratchPitch);
 
   const T* q = row_pointer<const T>(a.q, a.q_stride, b, h, seq.q_row0 + m0);
   const T* k = row_pointer<const T>(a.k, a.k_stride, b, kvh, seq.k_row0);
@@ -96,7 +106,7 @@ __global__ void FUSEDOPS_LAUNCH_BOUNDS(ForwardTraits<T, kDim>::kThreads, 1)
 #pragma unroll
   for (int nt = 0; nt < kOT; ++nt) acc_o[nt][0] = acc_o[nt][1] = acc_o[nt][2] = acc_o[nt][3] = 0.0f;
   float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.0f, 0.0f};
-  const int64_t row_i[2] = {static_cast<int64_t>(m0) + warp * 16 + g, static_cast<int64_t>(m0) + warp * 16 + g + 8};
+  const int64_t row_i[2] = {static_cast<int64_t>(m0) + row_warp * 16 + g, static_cast<int64_t>(m0) + row_warp * 16 + g + 8};
 
   for (int n = n_begin; n < n_end; ++n) {
     const int stage = Tr::kStages == 2 ? (n - n_begin) & 1 : 0;
@@ -115,7 +125,7 @@ __global__ void FUSEDOPS_LAUNCH_BOUNDS(ForwardTraits<T, kDim>::kThreads, 1)
     float s[kNT][4];
 #pragma unroll
     for (int nt = 0; nt < kNT; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.0f;
-    warp_gemm_abt<kDim>(s, sQ + warp * 16 * kPitch, kPitch, sKs, kPitch, a.dim_qk);
+    warp_gemm_abt<kDim>(s, sQ + row_warp * 16 * kPitch, kPitch, sKs, kPitch, a.dim_qk);
 
     const bool plain = mods.elementwise_free() && n0 + kBlockN <= seq.len_k &&
                        mods.tile_inside_window(m0, m0 + rows, n0, n0 + kBlockN);
@@ -130,7 +140,7 @@ __global__ void FUSEDOPS_LAUNCH_BOUNDS(ForwardTraits<T, kDim>::kThreads, 1)
       }
     } else {
       const RowSpan span[2] = {mods.query_row(row_i[0], n0, kBlockN), mods.query_row(row_i[1], n0, kBlockN)};
-      const float* mask_row = sMask + (stage * kBlockM + warp * 16 + g) * Tr::kMaskPitch;
+      const float* mask_row = sMask + (stage * kBlockM + row_warp * 16 + g) * Tr::kMaskPitch;
 #pragma unroll
       for (int nt = 0; nt < kNT; ++nt) {
 #pragma unroll
@@ -178,7 +188,7 @@ __global__ void FUSEDOPS_LAUNCH_BOUNDS(ForwardTraits<T, kDim>::kThreads, 1)
       }
     }
 
-    warp_gemm_cb<kNT>(acc_o, s, scratch, Tr::kScratchPitch, sVs, kPitch, a.dim_v);
+    warp_gemm_cb<kNT>(acc_o, s, scratch, Tr::kScratchPitch, sVs + col0, kPitch, a.dim_v - col0);
     __syncthreads();  // every warp is done with this stage's K and V before they are overwritten
     if constexpr (Tr::kStages == 1) {
       if (n + 1 < n_end) load_kv(n + 1, 0);
@@ -197,16 +207,17 @@ __global__ void FUSEDOPS_LAUNCH_BOUNDS(ForwardTraits<T, kDim>::kThreads, 1)
     sum += __shfl_xor_sync(kFullMask, sum, 2);
     const bool empty = row_max[r] == -INFINITY || !(sum > 0.0f);
     inv[r] = empty ? 0.0f : __frcp_rn(sum);
-    if (t == 0 && row_i[r] < seq.len_q) {
+    if (t == 0 && col0 == 0 && row_i[r] < seq.len_q) {
       *row_pointer<float>(a.lse, a.lse_stride, b, h, seq.q_row0 + row_i[r]) = empty ? -INFINITY : row_max[r] + logf(sum);
     }
   }
-  T* sO = sQ + warp * 16 * kPitch;
+  T* sO = sQ + row_warp * 16 * kPitch + col0;  // this warp's rows and columns of sQ
   store_accumulators<T, kOT>(sO, kPitch, acc_o, inv[0], inv[1]);
   __syncwarp();
-  const int warp_row0 = m0 + warp * 16;
-  T* o = row_pointer<T>(a.o, a.o_stride, b, h, seq.q_row0 + warp_row0);
-  store_tile<T, 16, kDim, kPitch, 32>(o, a.o_stride[2], sO, min(16, seq.len_q - warp_row0), a.dim_v, a.vector_io, lane);
+  const int warp_row0 = m0 + row_warp * 16;
+  T* o = row_pointer<T>(a.o, a.o_stride, b, h, seq.q_row0 + warp_row0) + col0;
+  store_tile<T, 16, Tr::kOutCols, kPitch, 32>(o, a.o_stride[2], sO, min(16, seq.len_q - warp_row0), a.dim_v - col0,
+                                             a.vector_io, lane);
 }
 
 }  // namespace attn
