@@ -404,7 +404,16 @@ class BlockRunner {
     throw std::runtime_error(where + ": " + what);
   }
 
+  // A copy may land any time between its issue and its group's wait. In order, it lands at the wait
+  // (exposing reads before the wait); reversed, at issue (exposing a prefetch that overwrites a buffer
+  // other warps still read, i.e. a missing barrier before it); random, at either, drawn per copy.
   void cp_async(void* dst, const void* src, int bytes, int src_bytes) {
+    const bool land_now = schedule_ == Schedule::reversed || (schedule_ == Schedule::random && (splitmix64(rng_) & 1));
+    if (land_now) {
+      if (src_bytes > 0) std::memcpy(dst, src, static_cast<size_t>(src_bytes));
+      if (src_bytes < bytes) std::memset(static_cast<char*>(dst) + src_bytes, 0, static_cast<size_t>(bytes - src_bytes));
+      return;
+    }
     PendingCopy c;
     c.dst = dst;
     c.bytes = bytes;

@@ -16,7 +16,8 @@
 //     launch fails with an error naming the kernel, the block and what each thread waits on.
 //   * Dynamic shared memory is one buffer per block, filled with 0xFF (NaN for floats) at block
 //     start so reads of unwritten shared memory show; it ends at a guard page, so overruns fault.
-//   * cp.async copies land when their group is waited for, not when issued. Static __shared__ variables are thread_local
+//   * cp.async copies land at some point between issue and their group's wait: at the wait in order,
+//     at issue reversed, either at random under the random schedule. Static __shared__ variables are thread_local
 //     (one per OS thread, and a block never changes OS thread); they are not poisoned.
 // Limits: races between blocks, the memory model's weaker orderings, timing, and Hopper-only
 // instructions are not modelled. Emulation shows that a kernel computes the right function on
@@ -141,9 +142,9 @@ void mma_m16n8k16(MmaType type, float (&d)[4], const uint32_t (&a)[4], const uin
 // ldmatrix.sync.aligned.m8n8.x{count}[.trans].shared.b16
 void ldmatrix(int count, bool trans, uint32_t* regs, const void* row_address);
 // cp.async.{ca,cg}.shared.global [dst], [src], bytes, src_bytes. The source is read at issue; the
-// destination is written when the issuing thread waits for the copy's group (or exits), so a kernel
-// that reads shared memory before cp.async.wait_group (and the barrier after it) sees stale data here
-// too. cp.async.commit_group closes the thread's current group.
+// destination is written at issue or when the issuing thread waits for the copy's group (or exits),
+// depending on the schedule, so both a read before cp.async.wait_group and a prefetch that overwrites a
+// buffer still in use show up under some schedule. cp.async.commit_group closes the thread's group.
 void cp_async(void* dst, const void* src, int bytes, int src_bytes);
 void cp_async_commit();
 void cp_async_wait(int pending);
