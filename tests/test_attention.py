@@ -128,6 +128,8 @@ def test_philox_known_answers():
     assert got == [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]
     got = [int(x) for x in ref.philox4x32((0xFFFFFFFF,) * 4, 0xFFFFFFFFFFFFFFFF)]
     assert got == [0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD]
+    got = [int(x) for x in ref.philox4x32((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), 0x299F31D0A4093822)]
+    assert got == [0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1]
     # vectorized: each lane equals the scalar evaluation
     c = torch.tensor([0, 1, 0xFFFFFFFF, 12345], dtype=torch.int64)
     lanes = ref.philox4x32((c, c ^ 7, c + 3 & 0xFFFFFFFF, torch.zeros_like(c)), 0x1234_5678_9ABC_DEF0)

@@ -21,6 +21,7 @@ import pytest
 import torch
 
 import fusedops
+from fusedops import reference as ref
 
 from conftest import backend_params, device_for
 
@@ -30,84 +31,17 @@ F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 # Max error relative to the reference's largest magnitude (outputs and gradients).
 TOL = {F32: 1e-4, F16: 5e-3, BF16: 3e-2}
 
-# ---- float64 reference ----------------------------------------------------------------------------------
-
-M32 = 0xFFFFFFFF
-
-
-def _mulhilo(m: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """High and low words of m·x for 32-bit m, x held in int64: built from 16-bit halves so no product
-    exceeds 2^48."""
-    lo_part = m * (x & 0xFFFF)
-    hi_part = m * (x >> 16)
-    low48 = lo_part + ((hi_part & 0xFFFF) << 16)
-    return (hi_part >> 16) + (low48 >> 32), low48 & M32
-
-
-def philox4x32_10(c0, c1, c2, c3, key: int):
-    k0, k1 = key & M32, (key >> 32) & M32
-    for _ in range(10):
-        hi0, lo0 = _mulhilo(0xD2511F53, c0)
-        hi1, lo1 = _mulhilo(0xCD9E8D57, c2)
-        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
-        k0, k1 = (k0 + 0x9E3779B9) & M32, (k1 + 0xBB67AE85) & M32
-    return c0, c1, c2, c3
-
-
-def keep_mask(seed: int, streams: torch.Tensor, num_keys: int, p: float) -> torch.Tensor:
-    """attention.h's dropout: key j of the row with Philox stream `stream` is kept iff word j % 4 of
-    philox(counter = (j / 4 lo, hi, stream lo, hi), key = seed) >= dropout_threshold(p)."""
-    threshold = float(torch.tensor(p, dtype=torch.float32)) * 4294967296.0
-    threshold = M32 if threshold >= 4294967295.0 else int(threshold)
-    groups = torch.arange((num_keys + 3) // 4, dtype=torch.int64)
-    s = streams.to(torch.int64).unsqueeze(-1)
-    words = philox4x32_10(groups & M32, groups >> 32, s & M32, s >> 32, seed)
-    words = [torch.broadcast_to(w, torch.broadcast_shapes(groups.shape, s.shape)) for w in words]
-    numbers = torch.stack(words, dim=-1).flatten(-2)[..., :num_keys]
-    return numbers >= threshold
-
+# ---- float64 reference (fusedops.reference.attention_dense: attention.h's semantics) ------------------------
 
 def reference(q, k, v, *, scale, mask=None, alibi=None, softcap=0.0, window=(-1, -1), bottom_right=False,
               dropout_p=0.0, seed=0, streams=None):
-    """(out, lse) in float64, differentiable in q, k, v. q (B, Hq, L, E), k (B, Hkv, S, E), v (B, Hkv, S, Ev);
-    mask bool (True = visible) or additive, broadcastable to (B, Hq, L, S); alibi (Hq,) or (B, Hq);
-    streams (B, Hq, L): each row's Philox stream."""
-    B, Hq, L, _ = q.shape
-    Hkv, S = k.shape[1], k.shape[2]
-    if S == 0:  # no key at all: every row is empty
-        return q.new_zeros(B, Hq, L, v.shape[-1]), q.new_full((B, Hq, L), -math.inf)
-    k = k.repeat_interleave(Hq // Hkv, dim=1)
-    v = v.repeat_interleave(Hq // Hkv, dim=1)
-    s = scale * (q @ k.transpose(-1, -2))
-    if softcap > 0:
-        s = softcap * torch.tanh(s / softcap)
-    shift = S - L if bottom_right else 0
-    i = torch.arange(L).view(L, 1)
-    j = torch.arange(S).view(1, S)
-    if alibi is not None:
-        slopes = alibi.double().expand(B, Hq).reshape(B, Hq, 1, 1)
-        s = s - slopes * (i + shift - j).abs().double()
-    visible = torch.ones(B, Hq, L, S, dtype=torch.bool)
-    if window[0] >= 0:
-        visible &= j >= i + shift - window[0]
-    if window[1] >= 0:
-        visible &= j <= i + shift + window[1]
-    if mask is not None:
-        if mask.dtype == torch.bool:
-            visible = visible & mask.cpu()
-        else:
-            s = s + mask.cpu().double()
-    s = s.masked_fill(~visible, -math.inf)
-    m = s.amax(dim=-1, keepdim=True).detach()
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    e = torch.exp(s - m)
-    total = e.sum(dim=-1, keepdim=True)
-    seen = total > 0
-    p = e / torch.where(seen, total, torch.ones_like(total))
-    lse = torch.where(seen, m + torch.log(torch.where(seen, total, torch.ones_like(total))), -math.inf)
-    if dropout_p > 0:
-        p = p * keep_mask(seed, streams, S, dropout_p) / (1.0 - dropout_p)
-    return p @ v, lse.squeeze(-1)
+    """(out, lse) in float64, differentiable in q, k, v. mask bool (True = visible) or additive,
+    broadcastable to (B, Hq, L, S); alibi (Hq,) or (B, Hq); streams (B, Hq, L): each row's Philox stream."""
+    B, Hq = q.shape[:2]
+    return ref.attention_dense(q, k, v, attn_mask=None if mask is None else mask.cpu(), scale=scale,
+                               softcap=softcap, slopes=None if alibi is None else alibi.double().cpu().expand(B, Hq),
+                               window=window, bottom_right=bottom_right, dropout_p=dropout_p, dropout_seed=seed,
+                               streams=streams)
 
 
 def dense_streams(B, H, L):
@@ -203,19 +137,6 @@ def check(backend, dtype, *, B=1, Hq=2, Hkv=None, L=33, S=47, E=64, Ev=None, sca
 
 
 # ---- tests ----------------------------------------------------------------------------------------------------
-
-
-def test_philox_matches_random123_known_answers():
-    """The reference's Philox against the Random123 known-answer vectors (kat_vectors, philox4x32_10)."""
-    cases = [
-        ((0, 0, 0, 0), 0, (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
-        ((M32, M32, M32, M32), (M32 << 32) | M32, (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
-        ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0x299F31D0 << 32) | 0xA4093822,
-         (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)),
-    ]
-    for counter, key, expected in cases:
-        got = philox4x32_10(*(torch.tensor(c, dtype=torch.int64) for c in counter), key)
-        assert tuple(int(w) for w in got) == expected
 
 
 # fp16/bf16: every tile width 32..256 (E, Ev padded up to the next multiple of 32; E != Ev among them).
@@ -328,7 +249,7 @@ def test_dropout_mask_is_exactly_the_philox_replay(backend, p):
     seed = (0xDEADBEEF << 20) | 12345
     out, _ = forward(backend, q, k, v, scale=1.0, dropout_p=p, seed=seed)
     kept = out.cpu() > 0
-    expected = keep_mask(seed, dense_streams(B, H, L), S, p)
+    expected = ref.dropout_keep(seed, dense_streams(B, H, L), S, p)
     assert torch.equal(kept, expected)
     values = out.cpu()[kept]
     assert torch.allclose(values, torch.full_like(values, 1.0 / ((1.0 - p) * S)), rtol=1e-6)

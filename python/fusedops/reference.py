@@ -8,6 +8,40 @@ from __future__ import annotations
 import torch
 
 
+# ==== random numbers =======================================================================================
+
+# Philox4x32-10 (Salmon et al., SC'11) in int64 tensor arithmetic: every 32-bit quantity lives in an int64
+# lane, and the 32×32 → 64-bit products are formed from 16-bit halves so that nothing overflows.
+_PHILOX_M0, _PHILOX_M1 = 0xD2511F53, 0xCD9E8D57
+_PHILOX_W0, _PHILOX_W1 = 0x9E3779B9, 0xBB67AE85
+_U32 = 0xFFFFFFFF
+
+
+def _mulhilo32(m: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(high, low) 32-bit words of the 64-bit product m · x, for m and x in [0, 2^32)."""
+    p_lo = m * (x & 0xFFFF)  # < 2^48
+    p_hi = m * (x >> 16)  # < 2^48
+    t = p_lo + ((p_hi & 0xFFFF) << 16)  # the product's low 48 bits plus carries, < 2^49
+    return (p_hi >> 16) + (t >> 32), t & _U32
+
+
+def philox4x32(counter, key: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Philox4x32-10 of the 128-bit counter (c0, c1, c2, c3) under the 64-bit key (low word first).
+
+    The counter words are int64 tensors (or ints) holding values in [0, 2^32), broadcast together; the
+    four result words come back the same way."""
+    c0, c1, c2, c3 = (torch.as_tensor(c, dtype=torch.int64) for c in counter)
+    c0, c1, c2, c3 = torch.broadcast_tensors(c0, c1, c2, c3)
+    k0, k1 = key & _U32, (key >> 32) & _U32
+    for _ in range(10):
+        hi0, lo0 = _mulhilo32(_PHILOX_M0, c0)
+        hi1, lo1 = _mulhilo32(_PHILOX_M1, c2)
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+        k0, k1 = (k0 + _PHILOX_W0) & _U32, (k1 + _PHILOX_W1) & _U32
+    return c0, c1, c2, c3
+
+
+
 # ==== Adam / AdamW =========================================================================================
 
 def adam_step(param: torch.Tensor, grad: torch.Tensor, state: dict, *, lr: float, beta1: float, beta2: float,
@@ -56,36 +90,16 @@ def round_to(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return x.to(dtype).double()
 
 
-def _philox4x32_10(key: int, counters: "np.ndarray") -> "np.ndarray":
-    """Philox4x32-10 (Salmon et al., SC'11) on an (N, 4) array of uint32 counters under a 64-bit key."""
-    import numpy as np
-
-    c = [counters[:, i].astype(np.uint64) for i in range(4)]
-    k0, k1 = np.uint64(key & 0xFFFFFFFF), np.uint64(key >> 32)
-    mask = np.uint64(0xFFFFFFFF)
-    for _ in range(10):
-        p0 = c[0] * np.uint64(0xD2511F53)  # exact: a 32 x 32-bit product fits in 64 bits
-        p1 = c[2] * np.uint64(0xCD9E8D57)
-        c = [(p1 >> np.uint64(32)) ^ c[1] ^ k0, p1 & mask, (p0 >> np.uint64(32)) ^ c[3] ^ k1, p0 & mask]
-        k0 = (k0 + np.uint64(0x9E3779B9)) & mask
-        k1 = (k1 + np.uint64(0xBB67AE85)) & mask
-    return np.stack(c, axis=1).astype(np.uint32)
-
-
 def adam_random_bits(seed: int, rng_id: int, step: int, numel: int) -> torch.Tensor:
     """The 16 random bits of each element of a tensor for FusedAdam's stochastic rounding (kernels/adam.h):
     element e takes half e % 2 (low, high) of word (e // 2) % 4 of Philox4x32-10 under key `seed` with counter
     (group lo, group hi, stream lo, stream hi), group = e // 8, stream = rng_id << 32 | step.
     Returned as int64 values in [0, 2**16)."""
-    import numpy as np
-
-    groups = np.arange((numel + 7) // 8, dtype=np.uint64)
+    groups = torch.arange((numel + 7) // 8, dtype=torch.int64)
     stream = (rng_id << 32) | step
-    counters = np.stack([groups & np.uint64(0xFFFFFFFF), groups >> np.uint64(32),
-                         np.full_like(groups, stream & 0xFFFFFFFF), np.full_like(groups, stream >> 32)], axis=1)
-    words = _philox4x32_10(seed, counters.astype(np.uint32)).reshape(-1)  # word w covers elements 2w, 2w + 1
-    halves = np.stack([words & 0xFFFF, words >> 16], axis=1).reshape(-1)[:numel]
-    return torch.from_numpy(halves.astype(np.int64))
+    words = torch.stack(philox4x32((groups & _U32, groups >> 32, stream & _U32, stream >> 32), seed), dim=1)
+    words = words.reshape(-1)  # word w covers elements 2w, 2w + 1
+    return torch.stack([words & 0xFFFF, words >> 16], dim=1).reshape(-1)[:numel]
 
 
 def bf16_stochastic_round(x: torch.Tensor, random16: torch.Tensor) -> torch.Tensor:
@@ -104,37 +118,6 @@ def bf16_stochastic_round(x: torch.Tensor, random16: torch.Tensor) -> torch.Tens
 # ==== attention ============================================================================================
 
 import math  # noqa: E402  (kept inside this section, which the attention work owns)
-
-# Philox4x32-10 (Salmon et al., SC'11) in int64 tensor arithmetic: every 32-bit quantity lives in an int64
-# lane, and the 32×32 → 64-bit products are formed from 16-bit halves so that nothing overflows.
-_PHILOX_M0, _PHILOX_M1 = 0xD2511F53, 0xCD9E8D57
-_PHILOX_W0, _PHILOX_W1 = 0x9E3779B9, 0xBB67AE85
-_U32 = 0xFFFFFFFF
-
-
-def _mulhilo32(m: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(high, low) 32-bit words of the 64-bit product m · x, for m and x in [0, 2^32)."""
-    p_lo = m * (x & 0xFFFF)  # < 2^48
-    p_hi = m * (x >> 16)  # < 2^48
-    t = p_lo + ((p_hi & 0xFFFF) << 16)  # the product's low 48 bits plus carries, < 2^49
-    return (p_hi >> 16) + (t >> 32), t & _U32
-
-
-def philox4x32(counter, key: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Philox4x32-10 of the 128-bit counter (c0, c1, c2, c3) under the 64-bit key (low word first).
-
-    The counter words are int64 tensors (or ints) holding values in [0, 2^32), broadcast together; the
-    four result words come back the same way."""
-    c0, c1, c2, c3 = (torch.as_tensor(c, dtype=torch.int64) for c in counter)
-    c0, c1, c2, c3 = torch.broadcast_tensors(c0, c1, c2, c3)
-    k0, k1 = key & _U32, (key >> 32) & _U32
-    for _ in range(10):
-        hi0, lo0 = _mulhilo32(_PHILOX_M0, c0)
-        hi1, lo1 = _mulhilo32(_PHILOX_M1, c2)
-        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
-        k0, k1 = (k0 + _PHILOX_W0) & _U32, (k1 + _PHILOX_W1) & _U32
-    return c0, c1, c2, c3
-
 
 def dropout_threshold(p: float) -> int:
     """kernels/attention.h's dropout_threshold: p as a float32, scaled to 32 bits and truncated."""
@@ -170,10 +153,12 @@ def _safe_softmax(s: torch.Tensor, visible: torch.Tensor) -> tuple[torch.Tensor,
     return p, lse.squeeze(-1)
 
 
-def _attention_dense(q, k, v, *, attn_mask, scale, softcap, slopes, window, bottom_right, dropout_p, dropout_seed,
+def attention_dense(q, k, v, *, attn_mask, scale, softcap, slopes, window, bottom_right, dropout_p, dropout_seed,
                      streams):
-    """q (B, Hq, L, E), k (B, Hkv, S, E), v (B, Hkv, S, Ev) → (out (B, Hq, L, Ev), lse (B, Hq, L)), in float64.
-    slopes: (B, Hq) or None; streams: the Philox stream of each query row, (B, Hq, L)."""
+    """The attention kernels' semantics exactly as csrc/kernels/attention.h states them (alignment, windows,
+    ALiBi, masks, Philox dropout by stream): q (B, Hq, L, E), k (B, Hkv, S, E), v (B, Hkv, S, Ev) →
+    (out (B, Hq, L, Ev), lse (B, Hq, L)), in float64. slopes: (B, Hq) or None; streams: the Philox stream of
+    each query row, (B, Hq, L)."""
     q, k, v = q.double(), k.double(), v.double()
     B, Hq, L, E = q.shape
     S = k.shape[2]
@@ -219,7 +204,7 @@ def attention(q, k, v, *, causal=False, window=(-1, -1), softcap=0.0, alibi_slop
     scale = 1.0 / math.sqrt(E) if scale is None else scale
     window = (window[0], 0) if causal else tuple(window)
     streams = torch.arange(B * Hq * L, dtype=torch.int64).view(B, Hq, L)  # ((b·Hq + h)·L + i)
-    return _attention_dense(q, k, v, attn_mask=attn_mask, scale=scale, softcap=softcap,
+    return attention_dense(q, k, v, attn_mask=attn_mask, scale=scale, softcap=softcap,
                             slopes=_slopes(alibi_slopes, B, Hq), window=window, bottom_right=bottom_right,
                             dropout_p=dropout_p, dropout_seed=dropout_seed, streams=streams)
 
@@ -242,7 +227,7 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, *, causa
         slopes = None
         if alibi_slopes is not None:
             slopes = (alibi_slopes[b] if alibi_slopes.dim() == 2 else alibi_slopes).view(1, Hq)
-        o, lse = _attention_dense(qb, kb, vb, attn_mask=None, scale=scale, softcap=softcap, slopes=slopes,
+        o, lse = attention_dense(qb, kb, vb, attn_mask=None, scale=scale, softcap=softcap, slopes=slopes,
                                   window=window, bottom_right=bottom_right, dropout_p=dropout_p,
                                   dropout_seed=dropout_seed, streams=streams)
         outs.append(o[0].transpose(0, 1))
