@@ -13,6 +13,7 @@ _C = _load_extension()
 
 from ._backend import available_backends, backend, current_backend  # noqa: E402
 from . import optim  # noqa: E402,F401
+from .cross_entropy import CrossEntropyLoss, cross_entropy  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -54,6 +55,8 @@ def set_emulator_schedule(name: str, seed: int = 0) -> None:
 __all__ = [
     "available_backends",
     "backend",
+    "CrossEntropyLoss",
+    "cross_entropy",
     "build_info",
     "current_backend",
     "optim",
