@@ -384,7 +384,9 @@ void forward_vec(const CrossEntropyParams& p) {
       for (int64_t start = 0; start < V; ++chunk) {
         const int64_t end = chunk_end(start, head, V);
         const ChunkStat& cs = s.stats[chunk];
-        const float a = cs.max == -kInf ? 0.0f * k.a : k.a * std::exp(cs.ref - lse);
+        // A chunk of -inf logits holds zeros (or NaN); a NaN lse must still make the whole row NaN.
+        const float f = std::isnan(lse) ? kNaN : (cs.max == -kInf ? 0.0f : std::exp(cs.ref - lse));
+        const float a = k.a * f;
         for (int64_t i = start; i < end; i += kLanes) {
           const int n = static_cast<int>(std::min<int64_t>(kLanes, end - i));
           vfloat gv = load(e + i) * a;

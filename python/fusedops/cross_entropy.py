@@ -102,6 +102,14 @@ def _scale_grad(grad: Tensor, g: Tensor, reduction: int) -> Tensor:
     return grad * g.to(grad.dtype).unsqueeze(1)
 
 
+def _mark_overwritten(logits: Tensor) -> None:
+    """Bumps the logits' version after the in-place backward wrote over them, so that another op which saved
+    them for its own backward raises autograd's "modified by an inplace operation" instead of reading the
+    gradient as if it were the logits."""
+    if not torch.compiler.is_compiling():
+        torch.autograd.graph.increment_version(logits)
+
+
 def _backward(ctx, g_loss, g_lse, _g_grad):
     ignore_index, reduction, eps, z, cap, backend = ctx.args
     if ctx.grad_mode == GRAD_FUSED:
@@ -127,6 +135,7 @@ def _backward(ctx, g_loss, g_lse, _g_grad):
         ctx.consumed = True
         _ops().cross_entropy_backward_(g_loss, g_lse, logits, target, weight, lse, ignore_index, reduction, eps, z,
                                        cap, 0, logits.shape[1], backend)
+        _mark_overwritten(logits)
         return (logits,) + (None,) * 10
     grad = _ops().cross_entropy_backward(g_loss, g_lse, logits, target, weight, lse, ignore_index, reduction, eps, z,
                                          cap, 0, logits.shape[1], backend)
@@ -298,6 +307,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
                                    "backward; the graph cannot be backpropagated through again")
             ctx.consumed = True
             _ops().cross_entropy_backward_(*args)
+            _mark_overwritten(logits)
             return (logits,) + (None,) * 10
         return (_ops().cross_entropy_backward(*args),) + (None,) * 10
 
