@@ -13,14 +13,15 @@
 // The backward recomputes p = exp(y - lse) in one pass (one read, one write). f64 (for gradcheck) takes a
 // plain scalar path with libm.
 //
-// Limits: classes < 2^31 per row (rows and row strides are 64-bit). exp below is exact to ~2 ulp for
-// arguments in [-87.3, 88]; it returns 0 below (true values there are subnormal).
+// Limits: classes < 2^31 per row (rows and row strides are 64-bit). The exp (exp2_lean) is good to 2e-7
+// relative; it returns 0 below e^-88 (where true values are subnormal).
 // Reference: Milakov & Gimelshein, "Online normalizer calculation for softmax", arXiv:1805.02867.
 #include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <limits>
 #include <memory>
+#include <type_traits>
 
 #include "../common/parallel.h"
 #include "../kernels/cross_entropy.h"
@@ -41,28 +42,30 @@ constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
 // normal store would first read each line from memory.
 constexpr int64_t kStreamBytes = int64_t{16} << 20;
 
-// e^x: Cody–Waite reduction x = n·ln2 + r, |r| <= ln2/2, Cephes' degree-5 polynomial for e^r, 2^n built in
-// the exponent bits. Leaner than vec.h's vexp (one scaling factor, rounding by the 1.5·2^23 trick): the
-// arguments here are y - max <= 0. NaN stays NaN, -inf and x < -87.3 give 0, x > 88 gives +inf.
-inline vfloat exp_lean(vfloat x) {
-  const vfloat magic = vbroadcast(12582912.0f);  // 1.5·2^23: t + magic rounds t to an integer in the mantissa
-  const vfloat k = x * 1.44269504088896341f + magic;
-  const vfloat n = k - magic;
-  vfloat r = x - n * 0.693359375f;
-  r = r - n * -2.12194440e-4f;
-  vfloat poly = vbroadcast(1.9875691500e-4f);
-  poly = poly * r + 1.3981999507e-3f;
-  poly = poly * r + 8.3334519073e-3f;
-  poly = poly * r + 4.1665795894e-2f;
-  poly = poly * r + 1.6666665459e-1f;
-  poly = poly * r + 5.0000001201e-1f;
-  poly = poly * (r * r) + r + 1.0f;
-  const vuint scale_bits = (as_uint(k) - as_uint(magic) + 127u) << 23;
-  vfloat result = poly * as_float(scale_bits);
-  result = x < -87.33f ? vbroadcast(0.0f) : result;
-  result = x > 88.0f ? vbroadcast(kInf) : result;
-  return result;
+constexpr float kLog2e = 1.44269504088896341f;
+
+// 2^t: t = n + f with n = round(t) and |f| <= 1/2 (rounding by adding 1.5·2^23, which leaves n in the low
+// mantissa bits), 2^f by a degree-5 polynomial fitted for this (relative error 1e-7 in exact arithmetic,
+// 2e-7 evaluated in fp32), 2^n built in the exponent bits. t is first clamped to >= -127, whose exponent
+// field 0 makes the result exactly 0: -inf gives 0 (masked classes get exactly zero probability) and so
+// does anything below -127 (true values there are subnormal). NaN stays NaN; t >= 128 gives +inf.
+inline vfloat exp2_lean(vfloat t) {
+  t = t < -127.0f ? vbroadcast(-127.0f) : t;  // written so that NaN passes through
+  const vfloat magic = vbroadcast(12582912.0f);
+  const vfloat k = t + magic;
+  const vfloat f = t - (k - magic);
+  vfloat p = vbroadcast(1.3308824272826314e-3f);
+  p = p * f + 9.671516716480255e-3f;
+  p = p * f + 5.550582334399223e-2f;
+  p = p * f + 2.4022242426872253e-1f;
+  p = p * f + 6.931470632553101e-1f;
+  p = p * f + 1.0f;
+  const vuint bits = (as_uint(k) + (127u - 0x4B400000u)) << 23;  // 0x4B400000: the bits of `magic`
+  return p * as_float(bits);
 }
+
+// e^(x - ref) for x <= ref (or NaN).
+inline vfloat exp_shifted(vfloat x, float ref) { return exp2_lean((x - ref) * kLog2e); }
 
 inline vint lane_index() {
   vint v;
@@ -237,38 +240,51 @@ struct RowSums {
 };
 
 // One read of the row: chunk maxima and exp sums, Σ w_c y_c when `want_smooth`, the exps (and tanhs) kept
-// in the scratch row buffers when they exist.
+// in the scratch row buffers when they exist. A chunk is read from memory once: the first pass takes its
+// max (and converts it into the chunk buffer when it is not plain fp32), the second, from L1, its exps.
 template <class T>
 RowSums row_sweep(const T* x, int64_t classes, int64_t head, const Problem<float>& pr, const float* w_local,
                   bool want_smooth, Scratch& s) {
   const bool capped = pr.cap > 0;
+  const bool buffered = capped || !std::is_same<T, float>::value;
   float* cb = s.chunk.get();
   double smooth = 0;
   int nchunks = 0;
   for (int64_t start = 0; start < classes;) {
     const int64_t end = chunk_end(start, head, classes);
     const int64_t len = end - start;
-    vfloat vmx = vbroadcast(-kInf), vsm = vbroadcast(0.0f);
-    for (int64_t i = 0; i < len; i += kLanes) {
-      const int n = static_cast<int>(std::min<int64_t>(kLanes, len - i));
-      vfloat v = load_n(x + start + i, n);
+    const T* xc = x + start;
+    vfloat vmx0 = vbroadcast(-kInf), vmx1 = vmx0, vsm = vbroadcast(0.0f);
+    auto first = [&](int64_t i, int n, vfloat& vmx) {
+      vfloat v = load_n(xc + i, n);
       if (capped) {
         vfloat th;
         v = apply_cap(v, pr.cap, pr.inv_cap, &th);
         if (s.tanhs) store(s.tanhs.get() + start + i, th);
       }
-      if (want_smooth) vsm += (w_local != nullptr ? v * load_n(w_local + start + i, n) : mask_tail(v, n, 0.0f));
+      if (want_smooth) vsm += (w_local != nullptr ? v * load_n(w_local + start + i, n) : v);  // tail lanes: 0
       v = mask_tail(v, n, -kInf);
       vmx = vmax(vmx, v);
-      store(cb + i, v);
-    }
-    const float mx = hmax(vmx);
-    const float ref = mx == -kInf ? 0.0f : mx;
-    vfloat acc0 = vbroadcast(0.0f), acc1 = vbroadcast(0.0f);
-    float* keep = s.exps ? s.exps.get() + start : nullptr;
+      if (buffered) store(cb + i, v);
+    };
     int64_t i = 0;
     for (; i + 2 * kLanes <= len; i += 2 * kLanes) {
-      const vfloat e0 = exp_lean(load(cb + i) - ref), e1 = exp_lean(load(cb + i + kLanes) - ref);
+      first(i, kLanes, vmx0);
+      first(i + kLanes, kLanes, vmx1);
+    }
+    for (; i < len; i += kLanes) first(i, static_cast<int>(std::min<int64_t>(kLanes, len - i)), vmx0);
+    const float mx = hmax(vmax(vmx0, vmx1));
+    const float ref = mx == -kInf ? 0.0f : mx;
+    // Lanes past the end read as -inf (the buffer holds -inf there; direct reads fill with it): e = 0.
+    auto chunk_at = [&](int64_t j) {
+      if (buffered) return load(cb + j);
+      return j + kLanes <= len ? load(x + start + j) : load_partial(x + start + j, static_cast<int>(len - j), -kInf);
+    };
+    vfloat acc0 = vbroadcast(0.0f), acc1 = vbroadcast(0.0f);
+    float* keep = s.exps ? s.exps.get() + start : nullptr;
+    i = 0;
+    for (; i + 2 * kLanes <= len; i += 2 * kLanes) {
+      const vfloat e0 = exp_shifted(chunk_at(i), ref), e1 = exp_shifted(chunk_at(i + kLanes), ref);
       acc0 += e0;
       acc1 += e1;
       if (keep) {
@@ -277,7 +293,7 @@ RowSums row_sweep(const T* x, int64_t classes, int64_t head, const Problem<float
       }
     }
     for (; i < len; i += kLanes) {
-      const vfloat e = exp_lean(load(cb + i) - ref);  // lanes past len hold -inf: e = 0
+      const vfloat e = exp_shifted(chunk_at(i), ref);
       acc0 += e;
       if (keep) store(keep + i, e);
     }
@@ -347,7 +363,8 @@ void forward_vec(const CrossEntropyParams& p) {
   const float gscale = grad != nullptr ? (p.grad_scale ? *static_cast<const float*>(p.grad_scale) : 1.0f) *
                                              pr.reduction_scale()
                                        : 0.0f;
-  const bool stream = grad != nullptr && p.rows * p.classes * int64_t(sizeof(T)) >= kStreamBytes;
+  const bool stream = grad != nullptr && p.rows * p.classes * int64_t(sizeof(T)) >= kStreamBytes &&
+                      p.grad != p.logits;
   const bool want_smooth = pr.eps > 0;
   const int64_t V = p.classes;
   parallel_for(p.rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(V, 1)), [&](int64_t begin, int64_t end) {
@@ -446,6 +463,39 @@ void stats_vec(const CrossEntropyParams& p) {
   });
 }
 
+// One row's gradient from its logits and lse (the backward): one read, one exp and one write per logit.
+// Two vectors per step keep two exp chains in flight; the flags are template parameters so that the loop
+// carries no branch but the target's.
+template <class T, bool kCapped, bool kSmooth>
+void grad_row(const T* x, T* g, int64_t V, const Problem<float>& pr, const float* w_local, const GradCoef<float>& k,
+              float lse, int64_t t_local, bool stream) {
+  auto one = [&](int64_t i, int n) {
+    vfloat y = load_n(x + i, n), th = vbroadcast(0.0f);
+    if (kCapped) y = apply_cap(y, pr.cap, pr.inv_cap, &th);
+    vfloat gv = exp_shifted(y, lse) * k.a;
+    if (kSmooth) gv -= (w_local != nullptr ? load_n(w_local + i, n) : vbroadcast(1.0f)) * k.b_smooth;
+    gv = sub_target(gv, i, t_local, k.b_target);
+    if (kCapped) gv = gv * (1.0f - th * th);
+    return gv;
+  };
+  const int64_t head = aligned_head(g, V);
+  int64_t i = 0;
+  if (head > 0) {
+    store_partial(g, one(0, static_cast<int>(head)), static_cast<int>(head));
+    i = head;
+  }
+  // In place (g == x) both vectors are loaded before either is stored.
+  for (; i + 2 * kLanes <= V; i += 2 * kLanes) {
+    const vfloat g0 = one(i, kLanes), g1 = one(i + kLanes, kLanes);
+    store_grad(g + i, g0, kLanes, stream);
+    store_grad(g + i + kLanes, g1, kLanes, stream);
+  }
+  for (; i < V; i += kLanes) {
+    const int n = static_cast<int>(std::min<int64_t>(kLanes, V - i));
+    store_grad(g + i, one(i, n), n, stream);
+  }
+}
+
 template <class T>
 void backward_vec(const CrossEntropyParams& p) {
   const Problem<float> pr(p);
@@ -455,11 +505,13 @@ void backward_vec(const CrossEntropyParams& p) {
   const auto* gloss = static_cast<const float*>(p.grad_loss);
   const auto* glse = static_cast<const float*>(p.grad_lse);
   const float rscale = pr.reduction_scale();
-  const bool stream = p.rows * p.classes * int64_t(sizeof(T)) >= kStreamBytes;
-  const bool want_smooth = pr.eps > 0;
-  const bool capped = pr.cap > 0;
+  // Streaming stores pay only into memory the rows have not just been read from (in place, the lines are
+  // in cache already, and a partial-line streaming store of them is very slow).
+  const bool stream = p.rows * p.classes * int64_t(sizeof(T)) >= kStreamBytes && p.grad != p.logits;
   const int64_t V = p.classes;
   const float* w_local = pr.weight != nullptr ? pr.weight + p.class_offset : nullptr;
+  auto row_fn = pr.cap > 0 ? (pr.eps > 0 ? &grad_row<T, true, true> : &grad_row<T, true, false>)
+                           : (pr.eps > 0 ? &grad_row<T, false, true> : &grad_row<T, false, false>);
   parallel_for(p.rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(V, 1)), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const int64_t t = p.target[r];
@@ -468,24 +520,10 @@ void backward_vec(const CrossEntropyParams& p) {
         zero_row(g, V);
         continue;
       }
-      const T* x = logits + r * p.ld;
       const float lse = lse_in[r];
       const float gl = gloss[r * p.grad_loss_stride] * rscale;
       const GradCoef<float> k = grad_coef(pr, gl, glse ? glse[r] : 0.0f, lse, pr.target_weight(t));
-      const int64_t t_local = pr.valid(t) ? t - p.class_offset : -1;
-      // In place (g == x) the stores must not run ahead of the loads: each vector is loaded, then stored.
-      const int64_t head = aligned_head(g, V);
-      for (int64_t i = 0; i < V;) {
-        const int n = static_cast<int>(i == 0 && head > 0 ? head : std::min<int64_t>(kLanes, V - i));
-        vfloat y = load_n(x + i, n), th = vbroadcast(0.0f);
-        if (capped) y = apply_cap(y, pr.cap, pr.inv_cap, &th);
-        vfloat gv = exp_lean(y - lse) * k.a;
-        if (want_smooth) gv -= (w_local != nullptr ? load_n(w_local + i, n) : vbroadcast(1.0f)) * k.b_smooth;
-        gv = sub_target(gv, i, t_local, k.b_target);
-        if (capped) gv = gv * (1.0f - th * th);
-        store_grad(g + i, gv, n, stream && n == kLanes && (i > 0 || head == 0));
-        i += n;
-      }
+      row_fn(logits + r * p.ld, g, V, pr, w_local, k, lse, pr.valid(t) ? t - p.class_offset : -1, stream);
     }
     if (stream) stream_fence();
   });
