@@ -14,6 +14,7 @@ _C = _load_extension()
 from ._backend import available_backends, backend, current_backend  # noqa: E402
 from . import optim  # noqa: E402,F401
 from .cross_entropy import CrossEntropyLoss, cross_entropy  # noqa: E402
+from .linear_cross_entropy import LinearCrossEntropyLoss, linear_cross_entropy  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -57,6 +58,8 @@ __all__ = [
     "backend",
     "CrossEntropyLoss",
     "cross_entropy",
+    "LinearCrossEntropyLoss",
+    "linear_cross_entropy",
     "build_info",
     "current_backend",
     "optim",

@@ -155,18 +155,18 @@ def _legacy_reduction(size_average, reduce) -> str:
     return "mean" if size_average else "sum"
 
 
-def _check_scalar(name: str, value, *, lo: float = 0.0, hi: float = math.inf, allow_hi: bool = True) -> float:
+def _check_scalar(op: str, name: str, value, *, lo: float = 0.0, hi: float = math.inf) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"fusedops.cross_entropy: {name} must be a number, got {type(value).__name__}")
+        raise TypeError(f"fusedops.{op}: {name} must be a number, got {type(value).__name__}")
     value = float(value)
-    ok = math.isfinite(value) and value >= lo and (value <= hi if allow_hi else value < hi)
-    if not ok:
-        raise ValueError(f"fusedops.cross_entropy: {name} must be in [{lo}, {hi}], got {value}")
+    if not (math.isfinite(value) and lo <= value <= hi):
+        raise ValueError(f"fusedops.{op}: {name} must be finite and in [{lo}, {hi}], got {value}")
     return value
 
 
-def _flatten(op: str, input: Tensor, target: Tensor, weight: Optional[Tensor]):
-    """Checks input/target/weight and returns (rows, classes) logits, (rows,) int64 targets, the weight."""
+def _flatten(op: str, input: Tensor, target: Tensor, weight: Optional[Tensor], sharded: bool = False):
+    """Checks input/target/weight and returns (rows, classes) logits, (rows,) int64 targets, the weight.
+    Sharded: the weight covers the whole vocabulary, which only the kernels' binding knows."""
     if not isinstance(input, Tensor):
         raise TypeError(f"fusedops.{op}: input must be a Tensor, got {type(input).__name__}")
     if not isinstance(target, Tensor):
@@ -194,7 +194,7 @@ def _flatten(op: str, input: Tensor, target: Tensor, weight: Optional[Tensor]):
     if weight is not None:
         if not isinstance(weight, Tensor) or not weight.is_floating_point():
             raise TypeError(f"fusedops.{op}: weight must be a floating Tensor of shape ({classes},)")
-        if weight.shape != (classes,):
+        if weight.dim() != 1 or (weight.shape != (classes,) and not sharded):
             raise ValueError(f"fusedops.{op}: weight must have shape ({classes},) (one per class), got {tuple(weight.shape)}")
         if weight.device != input.device:
             raise ValueError(f"fusedops.{op}: weight is on {weight.device} but input is on {input.device}")
@@ -213,12 +213,12 @@ def _flatten(op: str, input: Tensor, target: Tensor, weight: Optional[Tensor]):
 def _options(op, reduction, label_smoothing, z_loss, softcap, ignore_index):
     if reduction not in _REDUCTIONS:
         raise ValueError(f"fusedops.{op}: reduction must be 'none', 'mean' or 'sum', got {reduction!r}")
-    eps = _check_scalar("label_smoothing", label_smoothing, lo=0.0, hi=1.0)
-    z = _check_scalar("z_loss", z_loss)
+    eps = _check_scalar(op, "label_smoothing", label_smoothing, lo=0.0, hi=1.0)
+    z = _check_scalar(op, "z_loss", z_loss)
     if softcap is None:
         cap = 0.0
     else:
-        cap = _check_scalar("softcap", softcap)
+        cap = _check_scalar(op, "softcap", softcap)
         if cap <= 0.0:
             raise ValueError(f"fusedops.{op}: softcap must be positive (None turns it off), got {softcap}")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
@@ -344,7 +344,7 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
         reduction = _legacy_reduction(size_average, reduce)
     red, eps, z, cap = _options(op, reduction, label_smoothing, z_loss, softcap, ignore_index)
     out_shape = target.shape if isinstance(target, Tensor) else None
-    logits, tgt, weight = _flatten(op, input, target, weight)
+    logits, tgt, weight = _flatten(op, input, target, weight, sharded=process_group is not None)
     if weight is not None:
         weight = weight.detach()
     if process_group is not None:

@@ -39,8 +39,11 @@ def cross_entropy(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tens
     logp = x - lse.unsqueeze(1)
     w_t = w[t_safe]
     nll = -logp.gather(1, t_safe.unsqueeze(1)).squeeze(1) * w_t
-    smooth = -(logp * w).sum(dim=1)
-    loss = (1 - label_smoothing) * nll + label_smoothing / classes * smooth + z_loss * lse * lse
+    loss = (1 - label_smoothing) * nll
+    if label_smoothing > 0:  # as torch: no smoothing term at all without smoothing (it may be inf)
+        loss = loss + label_smoothing / classes * -(logp * w).sum(dim=1)
+    if z_loss > 0:
+        loss = loss + z_loss * lse * lse
     loss = torch.where(ignored, torch.zeros_like(loss), loss)
     lse = torch.where(ignored, torch.zeros_like(lse), lse)
     shape = target.shape
@@ -52,12 +55,18 @@ def cross_entropy(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tens
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
-                         bias: torch.Tensor | None = None, **options):
-    """fusedops.linear_cross_entropy in float64: cross_entropy(hidden @ weight.T + bias, target)."""
+                         bias: torch.Tensor | None = None, class_weight: torch.Tensor | None = None, **options):
+    """fusedops.linear_cross_entropy in float64: cross_entropy(hidden @ weight.T + bias, target); returns
+    (loss, lse)."""
     logits = hidden.double() @ weight.double().T
     if bias is not None:
         logits = logits + bias.double()
-    return cross_entropy(logits, target, **options)
+    if hidden.dim() > 2:  # (..., H): the class dimension is last
+        logits = logits.reshape(-1, logits.shape[-1])
+        loss, lse = cross_entropy(logits, target.reshape(-1), class_weight, **options)
+        shape = target.shape if options.get("reduction", "mean") == "none" else ()
+        return loss.reshape(shape), lse.reshape(target.shape)
+    return cross_entropy(logits, target, class_weight, **options)
 
 
 # ==== attention ============================================================================================
