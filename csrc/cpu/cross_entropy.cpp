@@ -14,7 +14,7 @@
 // plain scalar path with libm.
 //
 // Limits: classes < 2^31 per row (rows and row strides are 64-bit). The exp (exp2_lean) is good to 2e-7
-// relative; it returns 0 below e^-88 (where true values are subnormal).
+// relative for fp32 logits (3e-6 for 16-bit ones); it returns 0 below e^-88 (true values are subnormal).
 // Reference: Milakov & Gimelshein, "Online normalizer calculation for softmax", arXiv:1805.02867.
 #include <algorithm>
 #include <cmath>
@@ -45,27 +45,41 @@ constexpr int64_t kStreamBytes = int64_t{16} << 20;
 constexpr float kLog2e = 1.44269504088896341f;
 
 // 2^t: t = n + f with n = round(t) and |f| <= 1/2 (rounding by adding 1.5·2^23, which leaves n in the low
-// mantissa bits), 2^f by a degree-5 polynomial fitted for this (relative error 1e-7 in exact arithmetic,
-// 2e-7 evaluated in fp32), 2^n built in the exponent bits. t is first clamped to >= -127, whose exponent
-// field 0 makes the result exactly 0: -inf gives 0 (masked classes get exactly zero probability) and so
-// does anything below -127 (true values there are subnormal). NaN stays NaN; t >= 128 gives +inf.
+// mantissa bits), 2^f by a polynomial fitted here for relative error over |f| <= 1/2, 2^n built in the
+// exponent bits. Degree 5 (relative error 1e-7 in exact arithmetic, 2e-7 evaluated in fp32) for fp32 logits;
+// degree 4 (3e-6) for bf16/fp16 ones, far below their own rounding (2^-9, 2^-12), one FMA less. t is first
+// clamped to >= -127, whose exponent field 0 makes the result exactly 0: -inf gives 0 (masked classes get
+// exactly zero probability) and so does anything below -127 (true values there are subnormal). NaN stays
+// NaN; t >= 128 gives +inf.
+template <bool kWide>
 inline vfloat exp2_lean(vfloat t) {
   t = t < -127.0f ? vbroadcast(-127.0f) : t;  // written so that NaN passes through
   const vfloat magic = vbroadcast(12582912.0f);
   const vfloat k = t + magic;
   const vfloat f = t - (k - magic);
-  vfloat p = vbroadcast(1.3308824272826314e-3f);
-  p = p * f + 9.671516716480255e-3f;
-  p = p * f + 5.550582334399223e-2f;
-  p = p * f + 2.4022242426872253e-1f;
-  p = p * f + 6.931470632553101e-1f;
+  vfloat p;
+  if constexpr (kWide) {
+    p = vbroadcast(1.3308824272826314e-3f);
+    p = p * f + 9.671516716480255e-3f;
+    p = p * f + 5.550582334399223e-2f;
+    p = p * f + 2.4022242426872253e-1f;
+    p = p * f + 6.931470632553101e-1f;
+  } else {
+    p = vbroadcast(9.585633873939514e-3f);
+    p = p * f + 5.590590462088585e-2f;
+    p = p * f + 2.402404099702835e-1f;
+    p = p * f + 6.931242942810059e-1f;
+  }
   p = p * f + 1.0f;
   const vuint bits = (as_uint(k) + (127u - 0x4B400000u)) << 23;  // 0x4B400000: the bits of `magic`
   return p * as_float(bits);
 }
 
-// e^(x - ref) for x <= ref (or NaN).
-inline vfloat exp_shifted(vfloat x, float ref) { return exp2_lean((x - ref) * kLog2e); }
+// e^(x - ref) for x <= ref (or NaN), to the precision logits of type T deserve.
+template <class T>
+inline vfloat exp_shifted(vfloat x, float ref) {
+  return exp2_lean<std::is_same<T, float>::value>((x - ref) * kLog2e);
+}
 
 inline vint lane_index() {
   vint v;
@@ -284,7 +298,7 @@ RowSums row_sweep(const T* x, int64_t classes, int64_t head, const Problem<float
     float* keep = s.exps ? s.exps.get() + start : nullptr;
     i = 0;
     for (; i + 2 * kLanes <= len; i += 2 * kLanes) {
-      const vfloat e0 = exp_shifted(chunk_at(i), ref), e1 = exp_shifted(chunk_at(i + kLanes), ref);
+      const vfloat e0 = exp_shifted<T>(chunk_at(i), ref), e1 = exp_shifted<T>(chunk_at(i + kLanes), ref);
       acc0 += e0;
       acc1 += e1;
       if (keep) {
@@ -293,7 +307,7 @@ RowSums row_sweep(const T* x, int64_t classes, int64_t head, const Problem<float
       }
     }
     for (; i < len; i += kLanes) {
-      const vfloat e = exp_shifted(chunk_at(i), ref);
+      const vfloat e = exp_shifted<T>(chunk_at(i), ref);
       acc0 += e;
       if (keep) store(keep + i, e);
     }
@@ -472,7 +486,7 @@ void grad_row(const T* x, T* g, int64_t V, const Problem<float>& pr, const float
   auto one = [&](int64_t i, int n) {
     vfloat y = load_n(x + i, n), th = vbroadcast(0.0f);
     if (kCapped) y = apply_cap(y, pr.cap, pr.inv_cap, &th);
-    vfloat gv = exp_shifted(y, lse) * k.a;
+    vfloat gv = exp_shifted<T>(y, lse) * k.a;
     if (kSmooth) gv -= (w_local != nullptr ? load_n(w_local + i, n) : vbroadcast(1.0f)) * k.b_smooth;
     gv = sub_target(gv, i, t_local, k.b_target);
     if (kCapped) gv = gv * (1.0f - th * th);
