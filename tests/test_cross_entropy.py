@@ -200,13 +200,13 @@ def vocab_sizes(backend):
     sizes = [1, 2, 3, 33, 2047, 2049, 4099]  # around the CUDA kernels' warp/block switch (2048)
     if backend == "cpu":
         sizes += [50257, 128256]
-    return sizes
+    return sizes + [262147]  # past 256k (2 rows: affordable even emulated, one block per row)
 
 
 def test_vocab_sizes(backend, device, two_threads):
     for classes in vocab_sizes(backend):
-        rows = 3 if classes > 5000 else 5
-        for dtype in ([torch.float32, torch.bfloat16] if classes < 100000 else [torch.float32]):
+        rows = 5 if classes < 5000 else (3 if classes < 200000 else 2)
+        for dtype in ([torch.float32, torch.bfloat16] if classes < 100000 or classes > 200000 else [torch.float32]):
             x, t = make_inputs(rows, classes, dtype, device, ignore=None)
             for mode in GRAD_MODES:
                 loss, grad, g = fused_loss_and_grad(x, t, mode, label_smoothing=0.1)
