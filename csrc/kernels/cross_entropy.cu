@@ -28,7 +28,9 @@
 #if FUSEDOPS_EMULATED
 #define XENT_LAUNCH_BOUNDS
 #else
-#define XENT_LAUNCH_BOUNDS __launch_bounds__(256)
+// 4 blocks of 256 per SM (64 registers a thread): with the block size alone, ptxas for sm_90 caps the
+// registers lower and spills in the forward.
+#define XENT_LAUNCH_BOUNDS __launch_bounds__(256, 4)
 #endif
 
 namespace fusedops::FUSEDOPS_BACKEND {
@@ -308,8 +310,8 @@ FUSEDOPS_DEVICE Online sweep(const T* x, const T* g, const Args& a, int lane) {
 
 template <class T, int G, Pass P>
 __global__ void XENT_LAUNCH_BOUNDS xent_rows(Args a) {
-  __shared__ float scratch[64];
   constexpr int kGroups = kThreads / G;
+  __shared__ float scratch[64];
   const int lane = threadIdx.x % G;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * kGroups;
   const float rscale = a.reduction == static_cast<int>(Reduction::mean) ? a.ws[2] : 1.0f;
@@ -339,21 +341,23 @@ __global__ void XENT_LAUNCH_BOUNDS xent_rows(Args a) {
       write_grad<T, G>(x, g, a, k, lane);
     } else {
       Online o = sweep<T, G>(x, g, a, lane);
+      // The target's logit is read before the group's reduction: with an in-place gradient (g == x) other
+      // threads overwrite the row as soon as they leave it.
+      const int64_t tl = t - a.class_offset;
+      const bool here = valid && tl >= 0 && tl < a.classes;
+      const float yt = lane == 0 && here ? softcap(to_float(x[tl]), a) : (valid ? 0.0f : NAN);
       group_max_sum<G>(o.m, o.s, scratch);
       if (a.smooth) o.sw = group_sum<G>(o.sw, scratch);
       const float lse_raw = o.m + logf(o.s);  // -inf when every logit is -inf, NaN when one is NaN
-      const int64_t tl = t - a.class_offset;
-      const bool here = valid && tl >= 0 && tl < a.classes;
       if constexpr (P == Pass::stats) {
         if (lane == 0) {
           a.lse[row] = lse_raw;
-          a.target_logit[row] = here ? softcap(to_float(x[tl]), a) : (valid ? 0.0f : NAN);
+          a.target_logit[row] = yt;  // 0 when another shard holds the target
           if (a.smooth_sum != nullptr) a.smooth_sum[row] = o.sw;
         }
       } else {
         const float lse = o.m == -INFINITY ? NAN : lse_raw;  // all -inf: 0/0, as torch's log_softmax
         if (lane == 0) {
-          const float yt = here ? softcap(to_float(x[tl]), a) : NAN;
           float l = (1.0f - a.eps) * wt * (lse - yt);
           if (a.eps > 0.0f) l += a.eps_c * (a.ws[1] * lse - o.sw);
           if (a.z > 0.0f) l += a.z * lse * lse;
@@ -437,7 +441,7 @@ Args make_args(const CrossEntropyParams& p) {
 template <class T, Pass P>
 void launch_rows(const Args& a, cudaStream_t stream) {
   if (a.rows == 0) return;
-  const int per_sm = 8;  // 256-thread blocks: 8 fill an SM's 2048 threads
+  const int per_sm = 4;  // as XENT_LAUNCH_BOUNDS promises; blocks loop over rows
   if (a.classes <= kWarpVocab) {
     const int64_t need = ceil_div<int64_t>(a.rows, kThreads / 32);
     const int grid = static_cast<int>(std::min<int64_t>(need, int64_t{simt::sm_count()} * per_sm));
