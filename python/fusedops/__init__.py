@@ -13,8 +13,10 @@ _C = _load_extension()
 
 from ._backend import available_backends, backend, current_backend  # noqa: E402
 from . import optim  # noqa: E402,F401
-from . import nn  # noqa: E402,F401
 from .attention import Attention, attention, attention_varlen, scaled_dot_product_attention  # noqa: E402
+from .cross_entropy import CrossEntropyLoss, cross_entropy  # noqa: E402
+from .linear_cross_entropy import LinearCrossEntropyLoss, linear_cross_entropy  # noqa: E402
+from . import nn  # noqa: E402,F401
 
 __version__ = "0.1.0"
 
@@ -59,6 +61,10 @@ __all__ = [
     "attention_varlen",
     "available_backends",
     "backend",
+    "CrossEntropyLoss",
+    "cross_entropy",
+    "LinearCrossEntropyLoss",
+    "linear_cross_entropy",
     "build_info",
     "current_backend",
     "nn",

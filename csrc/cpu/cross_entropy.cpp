@@ -1,0 +1,707 @@
+// Softmax cross-entropy on the CPU: the forward (per-row loss and logsumexp, and the gradient in the same
+// sweep when autograd will need it), the backward (the gradient from the saved logsumexp) and the
+// per-shard partials of vocabulary-parallel use. Semantics: kernels/cross_entropy.h.
+//
+// Algorithm. Rows are split over threads (fusedops::parallel_for); a row is read from memory once, in
+// chunks of kChunk classes that stay in L1. Each chunk is converted to fp32 (softcap applied) into a small
+// buffer while its max is taken, then exp(y - chunk max) is summed: an online softmax at chunk
+// granularity, so each logit costs one exp and the running (max, sum) is rescaled once per chunk rather
+// than per element. When the forward also produces the gradient, the chunk's exps are kept in a per-thread
+// row buffer (L2); once the row's lse is known each chunk's exps are scaled by exp(chunk max - lse) into
+// the gradient, written with non-temporal stores when it is large. Memory traffic is then one read of the
+// logits and one write of the gradient, with one exp per logit. bf16/fp16 convert in registers (vec.h).
+// The backward recomputes p = exp(y - lse) in one pass (one read, one write). f64 (for gradcheck) takes a
+// plain scalar path with libm.
+//
+// Limits: classes < 2^31 per row (rows and row strides are 64-bit). The exp (exp2_lean) is good to 2e-7
+// relative for fp32 logits (3e-6 for 16-bit ones); it returns 0 below e^-88 (true values are subnormal).
+// Reference: Milakov & Gimelshein, "Online normalizer calculation for softmax", arXiv:1805.02867.
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <memory>
+#include <type_traits>
+
+#include "../common/parallel.h"
+#include "../kernels/cross_entropy.h"
+#include "vec.h"
+
+#if defined(__SSE2__)
+#include <immintrin.h>
+#endif
+
+namespace fusedops::cpu::FUSEDOPS_CPU_ISA {
+namespace {
+
+constexpr int64_t kChunk = 2048;  // classes per chunk: 8 KiB of fp32, a multiple of every kLanes
+static_assert(kChunk % kLanes == 0, "chunks hold whole vectors");
+constexpr float kInf = std::numeric_limits<float>::infinity();
+constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
+// Gradients at least this large bypass the cache (non-temporal stores): they are not read back soon, and a
+// normal store would first read each line from memory.
+constexpr int64_t kStreamBytes = int64_t{16} << 20;
+
+constexpr float kLog2e = 1.44269504088896341f;
+
+// 2^t: t = n + f with n = round(t) and |f| <= 1/2 (rounding by adding 1.5·2^23, which leaves n in the low
+// mantissa bits), 2^f by a polynomial fitted here for relative error over |f| <= 1/2, 2^n built in the
+// exponent bits. Degree 5 (relative error 1e-7 in exact arithmetic, 2e-7 evaluated in fp32) for fp32 logits;
+// degree 4 (3e-6) for bf16/fp16 ones, far below their own rounding (2^-9, 2^-12), one FMA less. t is first
+// clamped to >= -127, whose exponent field 0 makes the result exactly 0: -inf gives 0 (masked classes get
+// exactly zero probability) and so does anything below -127 (true values there are subnormal). NaN stays
+// NaN; t >= 128 gives +inf.
+template <bool kWide>
+inline vfloat exp2_lean(vfloat t) {
+  t = t < -127.0f ? vbroadcast(-127.0f) : t;  // written so that NaN passes through
+  const vfloat magic = vbroadcast(12582912.0f);
+  const vfloat k = t + magic;
+  const vfloat f = t - (k - magic);
+  vfloat p;
+  if constexpr (kWide) {
+    p = vbroadcast(1.3308824272826314e-3f);
+    p = p * f + 9.671516716480255e-3f;
+    p = p * f + 5.550582334399223e-2f;
+    p = p * f + 2.4022242426872253e-1f;
+    p = p * f + 6.931470632553101e-1f;
+  } else {
+    p = vbroadcast(9.585633873939514e-3f);
+    p = p * f + 5.590590462088585e-2f;
+    p = p * f + 2.402404099702835e-1f;
+    p = p * f + 6.931242942810059e-1f;
+  }
+  p = p * f + 1.0f;
+  const vuint bits = (as_uint(k) + (127u - 0x4B400000u)) << 23;  // 0x4B400000: the bits of `magic`
+  return p * as_float(bits);
+}
+
+// e^(x - ref) for x <= ref (or NaN), to the precision logits of type T deserve.
+template <class T>
+inline vfloat exp_shifted(vfloat x, float ref) {
+  return exp2_lean<std::is_same<T, float>::value>((x - ref) * kLog2e);
+}
+
+inline vint lane_index() {
+  vint v;
+  for (int i = 0; i < kLanes; ++i) v[i] = i;
+  return v;
+}
+
+// Lanes at or past n set to `fill`.
+inline vfloat mask_tail(vfloat v, int n, float fill) {
+  if (n >= kLanes) return v;
+  return lane_index() < n ? v : vbroadcast(fill);
+}
+
+template <class T>
+inline vfloat load_n(const T* p, int n) {
+  return n == kLanes ? load(p) : load_partial(p, n, 0.0f);
+}
+
+// Non-temporal store of a whole vector to an address aligned to its size.
+template <class T>
+inline void store_stream(T* p, vfloat v) {
+#if defined(__AVX512F__)
+  if constexpr (sizeof(T) == 4) {
+    __m512 f;
+    std::memcpy(&f, &v, sizeof f);
+    _mm512_stream_ps(reinterpret_cast<float*>(p), f);
+  } else {
+    __m256i h;
+    T tmp[kLanes];
+    store(tmp, v);
+    std::memcpy(&h, tmp, sizeof h);
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(p), h);
+  }
+#elif defined(__AVX2__)
+  if constexpr (sizeof(T) == 4) {
+    __m256 f;
+    std::memcpy(&f, &v, sizeof f);
+    _mm256_stream_ps(reinterpret_cast<float*>(p), f);
+  } else {
+    __m128i h;
+    T tmp[kLanes];
+    store(tmp, v);
+    std::memcpy(&h, tmp, sizeof h);
+    _mm_stream_si128(reinterpret_cast<__m128i*>(p), h);
+  }
+#elif defined(__SSE2__)
+  if constexpr (sizeof(T) == 4) {
+    __m128 f;
+    std::memcpy(&f, &v, sizeof f);
+    _mm_stream_ps(reinterpret_cast<float*>(p), f);
+  } else {
+    store(p, v);
+  }
+#else
+  store(p, v);
+#endif
+}
+
+inline void stream_fence() {
+#if defined(__SSE2__)
+  _mm_sfence();  // non-temporal stores are weakly ordered: publish them before the task ends
+#endif
+}
+
+// What a row needs besides its logits; shared by all dtypes (Acc: float, or double for f64).
+template <class Acc>
+struct Problem {
+  const CrossEntropyParams& p;
+  const Acc* weight;  // full (total_classes) weights, or nullptr
+  Acc eps, z, cap, inv_cap, total;
+  Acc weight_sum;  // Σ_c w_c over all classes (C without weights)
+  Acc denom;       // Σ_{rows not ignored} w_t
+
+  explicit Problem(const CrossEntropyParams& params) : p(params) {
+    weight = static_cast<const Acc*>(p.weight);
+    eps = static_cast<Acc>(p.label_smoothing);
+    z = static_cast<Acc>(p.z_loss);
+    cap = static_cast<Acc>(p.softcap);
+    inv_cap = cap > 0 ? Acc(1) / cap : Acc(0);
+    total = static_cast<Acc>(p.total_classes);
+    double ws = static_cast<double>(p.total_classes);
+    if (weight != nullptr && p.label_smoothing > 0) {
+      ws = 0;
+      for (int64_t c = 0; c < p.total_classes; ++c) ws += weight[c];
+    }
+    weight_sum = static_cast<Acc>(ws);
+    double d = 0;
+    for (int64_t i = 0; i < p.rows; ++i) {
+      const int64_t t = p.target[i];
+      if (t != p.ignore_index) d += static_cast<double>(target_weight(t));
+    }
+    denom = static_cast<Acc>(d);
+  }
+
+  bool valid(int64_t t) const { return t >= 0 && t < p.total_classes; }
+  // w_t; NaN for an out-of-range target, so its row's loss and gradient come out NaN.
+  Acc target_weight(int64_t t) const {
+    if (!valid(t)) return std::numeric_limits<Acc>::quiet_NaN();
+    return weight != nullptr ? weight[t] : Acc(1);
+  }
+  Acc reduction_scale() const { return p.reduction == Reduction::mean ? Acc(1) / denom : Acc(1); }
+
+  // The per-row loss from the row's lse, target logit and Σ w_c y_c (terms with a zero factor are left
+  // out, so an infinite logit does not turn them into 0·inf = NaN).
+  Acc loss(Acc lse, Acc wt, Acc yt, Acc smooth) const {
+    Acc l = (Acc(1) - eps) * wt * (lse - yt);
+    if (eps > 0) l += eps / total * (weight_sum * lse - smooth);
+    if (z > 0) l += z * lse * lse;
+    return l;
+  }
+};
+
+// Gradient coefficients of one row: dL/dy_c = a·p_c - b_smooth·w_c - b_target·[c = t].
+template <class Acc>
+struct GradCoef {
+  Acc a, b_target, b_smooth;
+};
+
+template <class Acc>
+GradCoef<Acc> grad_coef(const Problem<Acc>& pr, Acc gl, Acc glse, Acc lse, Acc wt) {
+  GradCoef<Acc> k;
+  Acc a = (Acc(1) - pr.eps) * wt;
+  k.b_target = gl * a;
+  if (pr.eps > 0) a += pr.eps / pr.total * pr.weight_sum;
+  if (pr.z > 0) a += Acc(2) * pr.z * lse;
+  k.a = gl * a + glse;
+  k.b_smooth = gl * pr.eps / pr.total;
+  return k;
+}
+
+// ---- fp32 / bf16 / fp16 rows: vectorized ---------------------------------------------------------------
+
+struct ChunkStat {
+  float max;   // the chunk's max (-inf if all -inf or NaN)
+  float ref;   // what the exps were taken relative to (max, or 0 when max is -inf)
+  float sum;   // Σ exp(y - ref)
+};
+
+struct Scratch {
+  std::unique_ptr<float[]> chunk;   // kChunk + kLanes
+  std::unique_ptr<float[]> exps;    // classes + kLanes (forward with gradient)
+  std::unique_ptr<float[]> tanhs;   // classes + kLanes (forward with gradient and softcap)
+  std::unique_ptr<ChunkStat[]> stats;
+
+  Scratch(int64_t classes, bool keep_exps, bool keep_tanh) {
+    chunk.reset(new float[kChunk + kLanes]);
+    if (keep_exps) exps.reset(new float[classes + kLanes]);
+    if (keep_tanh) tanhs.reset(new float[classes + kLanes]);
+    stats.reset(new ChunkStat[classes / kChunk + 3]);
+  }
+};
+
+// Softcap in registers; `th` receives tanh(x / cap).
+inline vfloat apply_cap(vfloat v, float cap, float inv_cap, vfloat* th) {
+  const vfloat t = vtanh(v * inv_cap);
+  if (th != nullptr) *th = t;
+  return t * cap;
+}
+
+// Elements [0, head) form the first segment (so that later ones start aligned for the gradient's stores),
+// then kChunk-long chunks.
+inline int64_t chunk_end(int64_t start, int64_t head, int64_t classes) {
+  if (start == 0 && head > 0) return std::min(head, classes);
+  return std::min(start + kChunk, classes);
+}
+
+struct RowSums {
+  float max;     // max over the row (-inf when every element is -inf or NaN)
+  float lse;     // local lse (NaN propagates; -inf when max is -inf and no NaN was seen)
+  double smooth; // Σ w_c y_c (when asked)
+  int chunks;
+};
+
+// One read of the row: chunk maxima and exp sums, Σ w_c y_c when `want_smooth`, the exps (and tanhs) kept
+// in the scratch row buffers when they exist. A chunk is read from memory once: the first pass takes its
+// max (and converts it into the chunk buffer when it is not plain fp32), the second, from L1, its exps.
+template <class T>
+RowSums row_sweep(const T* x, int64_t classes, int64_t head, const Problem<float>& pr, const float* w_local,
+                  bool want_smooth, Scratch& s) {
+  const bool capped = pr.cap > 0;
+  const bool buffered = capped || !std::is_same<T, float>::value;
+  float* cb = s.chunk.get();
+  double smooth = 0;
+  int nchunks = 0;
+  for (int64_t start = 0; start < classes;) {
+    const int64_t end = chunk_end(start, head, classes);
+    const int64_t len = end - start;
+    const T* xc = x + start;
+    vfloat vmx0 = vbroadcast(-kInf), vmx1 = vmx0, vsm = vbroadcast(0.0f);
+    auto first = [&](int64_t i, int n, vfloat& vmx) {
+      vfloat v = load_n(xc + i, n);
+      if (capped) {
+        vfloat th;
+        v = apply_cap(v, pr.cap, pr.inv_cap, &th);
+        if (s.tanhs) store(s.tanhs.get() + start + i, th);
+      }
+      if (want_smooth) vsm += (w_local != nullptr ? v * load_n(w_local + start + i, n) : v);  // tail lanes: 0
+      v = mask_tail(v, n, -kInf);
+      vmx = vmax(vmx, v);
+      if (buffered) store(cb + i, v);
+    };
+    int64_t i = 0;
+    for (; i + 2 * kLanes <= len; i += 2 * kLanes) {
+      first(i, kLanes, vmx0);
+      first(i + kLanes, kLanes, vmx1);
+    }
+    for (; i < len; i += kLanes) first(i, static_cast<int>(std::min<int64_t>(kLanes, len - i)), vmx0);
+    const float mx = hmax(vmax(vmx0, vmx1));
+    const float ref = mx == -kInf ? 0.0f : mx;
+    // Lanes past the end read as -inf (the buffer holds -inf there; direct reads fill with it): e = 0.
+    auto chunk_at = [&](int64_t j) {
+      if (buffered) return load(cb + j);
+      return j + kLanes <= len ? load(x + start + j) : load_partial(x + start + j, static_cast<int>(len - j), -kInf);
+    };
+    vfloat acc0 = vbroadcast(0.0f), acc1 = vbroadcast(0.0f);
+    float* keep = s.exps ? s.exps.get() + start : nullptr;
+    i = 0;
+    for (; i + 2 * kLanes <= len; i += 2 * kLanes) {
+      const vfloat e0 = exp_shifted<T>(chunk_at(i), ref), e1 = exp_shifted<T>(chunk_at(i + kLanes), ref);
+      acc0 += e0;
+      acc1 += e1;
+      if (keep) {
+        store(keep + i, e0);
+        store(keep + i + kLanes, e1);
+      }
+    }
+    for (; i < len; i += kLanes) {
+      const vfloat e = exp_shifted<T>(chunk_at(i), ref);
+      acc0 += e;
+      if (keep) store(keep + i, e);
+    }
+    s.stats[nchunks++] = ChunkStat{mx, ref, hsum(acc0 + acc1)};
+    if (want_smooth) smooth += hsum(vsm);
+    start = end;
+  }
+  float mx = -kInf;
+  for (int k = 0; k < nchunks; ++k) mx = std::max(mx, s.stats[k].max);
+  const float ref = mx == -kInf ? 0.0f : mx;
+  double sum = 0;
+  for (int k = 0; k < nchunks; ++k) {
+    const ChunkStat& c = s.stats[k];
+    // A chunk of -inf (and NaN) logits adds its sum as is: 0, or NaN.
+    sum += c.max == -kInf ? static_cast<double>(c.sum) : c.sum * std::exp(static_cast<double>(c.ref) - ref);
+  }
+  RowSums r;
+  r.max = mx;
+  r.lse = static_cast<float>(ref + std::log(sum));
+  r.smooth = smooth;
+  r.chunks = nchunks;
+  return r;
+}
+
+template <class T>
+inline void store_grad(T* g, vfloat v, int n, bool stream) {
+  if (n < kLanes) {
+    store_partial(g, v, n);
+  } else if (stream) {
+    store_stream(g, v);
+  } else {
+    store(g, v);
+  }
+}
+
+// Lanes of the vector starting at class `base` that hold the target get `b_target` subtracted.
+inline vfloat sub_target(vfloat g, int64_t base, int64_t t_local, float b_target) {
+  const int64_t d = t_local - base;
+  if (d < 0 || d >= kLanes) return g;
+  g[d] -= b_target;
+  return g;
+}
+
+template <class T>
+void zero_row(T* g, int64_t classes) {
+  const T zero = from_float<T>(0.0f);
+  std::fill(g, g + classes, zero);
+}
+
+// The stores of a gradient row are aligned (for streaming) from element `head` on.
+template <class T>
+int64_t aligned_head(const T* g, int64_t classes) {
+  constexpr uintptr_t kAlign = sizeof(T) * kLanes;
+  const uintptr_t addr = reinterpret_cast<uintptr_t>(g);
+  if (addr % sizeof(T) != 0) return 0;
+  const int64_t head = static_cast<int64_t>(((kAlign - addr % kAlign) % kAlign) / sizeof(T));
+  return std::min(head, classes);
+}
+
+template <class T>
+void forward_vec(const CrossEntropyParams& p) {
+  const Problem<float> pr(p);
+  const auto* logits = static_cast<const T*>(p.logits);
+  T* grad = static_cast<T*>(p.grad);
+  auto* loss = static_cast<float*>(p.loss);
+  auto* lse_out = static_cast<float*>(p.lse);
+  const float gscale = grad != nullptr ? (p.grad_scale ? *static_cast<const float*>(p.grad_scale) : 1.0f) *
+                                             pr.reduction_scale()
+                                       : 0.0f;
+  const bool stream = grad != nullptr && p.rows * p.classes * int64_t(sizeof(T)) >= kStreamBytes &&
+                      p.grad != p.logits;
+  const bool want_smooth = pr.eps > 0;
+  const int64_t V = p.classes;
+  parallel_for(p.rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(V, 1)), [&](int64_t begin, int64_t end) {
+    Scratch s(V, grad != nullptr, grad != nullptr && pr.cap > 0);
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t t = p.target[r];
+      T* g = grad != nullptr ? grad + r * p.grad_ld : nullptr;
+      if (t == p.ignore_index) {
+        loss[r] = 0.0f;
+        lse_out[r] = 0.0f;
+        if (g) zero_row(g, V);
+        continue;
+      }
+      const T* x = logits + r * p.ld;
+      const int64_t head = g ? aligned_head(g, V) : 0;
+      const RowSums rs = row_sweep(x, V, head, pr, pr.weight, want_smooth, s);
+      // All -inf: lse = log 0 = -inf is returned, but the loss and gradient are 0/0 = NaN, as torch's
+      // log_softmax makes them.
+      const float lse = rs.max == -kInf ? kNaN : rs.lse;
+      const float wt = pr.target_weight(t);
+      float yt = kNaN;
+      if (pr.valid(t)) {
+        yt = to_float(x[t]);
+        if (pr.cap > 0) yt = pr.cap * std::tanh(yt * pr.inv_cap);
+      }
+      lse_out[r] = rs.lse;
+      loss[r] = pr.loss(lse, wt, yt, static_cast<float>(rs.smooth));
+      if (!g) continue;
+      const GradCoef<float> k = grad_coef(pr, gscale, 0.0f, lse, wt);
+      const int64_t t_local = pr.valid(t) ? t : -1;
+      const float* e = s.exps.get();
+      const float* th = s.tanhs.get();
+      int chunk = 0;
+      for (int64_t start = 0; start < V; ++chunk) {
+        const int64_t end = chunk_end(start, head, V);
+        const ChunkStat& cs = s.stats[chunk];
+        // A chunk of -inf logits holds zeros (or NaN); a NaN lse must still make the whole row NaN.
+        const float f = std::isnan(lse) ? kNaN : (cs.max == -kInf ? 0.0f : std::exp(cs.ref - lse));
+        const float a = k.a * f;
+        for (int64_t i = start; i < end; i += kLanes) {
+          const int n = static_cast<int>(std::min<int64_t>(kLanes, end - i));
+          vfloat gv = load(e + i) * a;
+          if (want_smooth) gv -= (pr.weight != nullptr ? load_n(pr.weight + i, n) : vbroadcast(1.0f)) * k.b_smooth;
+          gv = sub_target(gv, i, t_local, k.b_target);
+          if (th) {
+            const vfloat tv = load(th + i);
+            gv = gv * (1.0f - tv * tv);
+          }
+          store_grad(g + i, gv, n, stream);
+        }
+        start = end;
+      }
+    }
+    if (stream) stream_fence();
+  });
+  if (p.reduced != nullptr) {
+    double sum = 0;
+    for (int64_t r = 0; r < p.rows; ++r) sum += loss[r];
+    *static_cast<float*>(p.reduced) =
+        static_cast<float>(p.reduction == Reduction::mean ? sum / static_cast<double>(pr.denom) : sum);
+  }
+}
+
+template <class T>
+void stats_vec(const CrossEntropyParams& p) {
+  const Problem<float> pr(p);
+  const auto* logits = static_cast<const T*>(p.logits);
+  auto* lse_out = static_cast<float*>(p.lse);
+  auto* yt_out = static_cast<float*>(p.target_logit);
+  auto* sm_out = static_cast<float*>(p.smooth_sum);
+  const int64_t V = p.classes;
+  const float* w_local = pr.weight != nullptr ? pr.weight + p.class_offset : nullptr;
+  parallel_for(p.rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(V, 1)), [&](int64_t begin, int64_t end) {
+    Scratch s(V, false, false);
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t t = p.target[r];
+      if (t == p.ignore_index) {
+        lse_out[r] = 0.0f;
+        yt_out[r] = 0.0f;
+        if (sm_out) sm_out[r] = 0.0f;
+        continue;
+      }
+      const T* x = logits + r * p.ld;
+      const RowSums rs = row_sweep(x, V, 0, pr, w_local, sm_out != nullptr, s);
+      lse_out[r] = rs.lse;
+      float yt = 0.0f;
+      if (!pr.valid(t)) {
+        yt = kNaN;
+      } else if (t >= p.class_offset && t < p.class_offset + V) {
+        yt = to_float(x[t - p.class_offset]);
+        if (pr.cap > 0) yt = pr.cap * std::tanh(yt * pr.inv_cap);
+      }
+      yt_out[r] = yt;
+      if (sm_out) sm_out[r] = static_cast<float>(rs.smooth);
+    }
+  });
+}
+
+// One row's gradient from its logits and lse (the backward): one read, one exp and one write per logit.
+// Two vectors per step keep two exp chains in flight; the flags are template parameters so that the loop
+// carries no branch but the target's.
+template <class T, bool kCapped, bool kSmooth>
+void grad_row(const T* x, T* g, int64_t V, const Problem<float>& pr, const float* w_local, const GradCoef<float>& k,
+              float lse, int64_t t_local, bool stream) {
+  auto one = [&](int64_t i, int n) {
+    vfloat y = load_n(x + i, n), th = vbroadcast(0.0f);
+    if (kCapped) y = apply_cap(y, pr.cap, pr.inv_cap, &th);
+    vfloat gv = exp_shifted<T>(y, lse) * k.a;
+    if (kSmooth) gv -= (w_local != nullptr ? load_n(w_local + i, n) : vbroadcast(1.0f)) * k.b_smooth;
+    gv = sub_target(gv, i, t_local, k.b_target);
+    if (kCapped) gv = gv * (1.0f - th * th);
+    return gv;
+  };
+  const int64_t head = aligned_head(g, V);
+  int64_t i = 0;
+  if (head > 0) {
+    store_partial(g, one(0, static_cast<int>(head)), static_cast<int>(head));
+    i = head;
+  }
+  // In place (g == x) both vectors are loaded before either is stored.
+  for (; i + 2 * kLanes <= V; i += 2 * kLanes) {
+    const vfloat g0 = one(i, kLanes), g1 = one(i + kLanes, kLanes);
+    store_grad(g + i, g0, kLanes, stream);
+    store_grad(g + i + kLanes, g1, kLanes, stream);
+  }
+  for (; i < V; i += kLanes) {
+    const int n = static_cast<int>(std::min<int64_t>(kLanes, V - i));
+    store_grad(g + i, one(i, n), n, stream);
+  }
+}
+
+template <class T>
+void backward_vec(const CrossEntropyParams& p) {
+  const Problem<float> pr(p);
+  const auto* logits = static_cast<const T*>(p.logits);
+  T* grad = static_cast<T*>(p.grad);
+  const auto* lse_in = static_cast<const float*>(p.lse);
+  const auto* gloss = static_cast<const float*>(p.grad_loss);
+  const auto* glse = static_cast<const float*>(p.grad_lse);
+  const float rscale = pr.reduction_scale();
+  // Streaming stores pay only into memory the rows have not just been read from (in place, the lines are
+  // in cache already, and a partial-line streaming store of them is very slow).
+  const bool stream = p.rows * p.classes * int64_t(sizeof(T)) >= kStreamBytes && p.grad != p.logits;
+  const int64_t V = p.classes;
+  const float* w_local = pr.weight != nullptr ? pr.weight + p.class_offset : nullptr;
+  auto row_fn = pr.cap > 0 ? (pr.eps > 0 ? &grad_row<T, true, true> : &grad_row<T, true, false>)
+                           : (pr.eps > 0 ? &grad_row<T, false, true> : &grad_row<T, false, false>);
+  parallel_for(p.rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(V, 1)), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t t = p.target[r];
+      T* g = grad + r * p.grad_ld;
+      if (t == p.ignore_index) {
+        zero_row(g, V);
+        continue;
+      }
+      const float lse = lse_in[r];
+      const float gl = gloss[r * p.grad_loss_stride] * rscale;
+      const GradCoef<float> k = grad_coef(pr, gl, glse ? glse[r] : 0.0f, lse, pr.target_weight(t));
+      row_fn(logits + r * p.ld, g, V, pr, w_local, k, lse, pr.valid(t) ? t - p.class_offset : -1, stream);
+    }
+    if (stream) stream_fence();
+  });
+}
+
+// ---- f64: scalar, libm ----------------------------------------------------------------------------------
+
+struct RowSums64 {
+  double max, lse, smooth;
+};
+
+RowSums64 row_sums64(const double* x, int64_t V, const Problem<double>& pr, const double* w_local, bool want_smooth) {
+  auto y_at = [&](int64_t c) { return pr.cap > 0 ? pr.cap * std::tanh(x[c] * pr.inv_cap) : x[c]; };
+  double mx = -std::numeric_limits<double>::infinity();
+  for (int64_t c = 0; c < V; ++c) mx = std::max(mx, y_at(c));  // NaN ignored here, propagated by the sum
+  const double ref = std::isinf(mx) && mx < 0 ? 0.0 : mx;
+  double sum = 0, smooth = 0;
+  for (int64_t c = 0; c < V; ++c) {
+    const double y = y_at(c);
+    sum += std::exp(y - ref);
+    if (want_smooth) smooth += (w_local ? w_local[c] : 1.0) * y;
+  }
+  return RowSums64{mx, ref + std::log(sum), smooth};
+}
+
+void forward64(const CrossEntropyParams& p) {
+  const Problem<double> pr(p);
+  const auto* logits = static_cast<const double*>(p.logits);
+  auto* grad = static_cast<double*>(p.grad);
+  auto* loss = static_cast<double*>(p.loss);
+  auto* lse_out = static_cast<double*>(p.lse);
+  const double gscale =
+      grad ? (p.grad_scale ? *static_cast<const double*>(p.grad_scale) : 1.0) * pr.reduction_scale() : 0.0;
+  const int64_t V = p.classes;
+  const double nan = std::numeric_limits<double>::quiet_NaN();
+  parallel_for(p.rows, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t t = p.target[r];
+      double* g = grad ? grad + r * p.grad_ld : nullptr;
+      if (t == p.ignore_index) {
+        loss[r] = lse_out[r] = 0.0;
+        if (g) std::fill(g, g + V, 0.0);
+        continue;
+      }
+      const double* x = logits + r * p.ld;
+      const RowSums64 rs = row_sums64(x, V, pr, pr.weight, pr.eps > 0);
+      const double lse = std::isinf(rs.max) && rs.max < 0 ? nan : rs.lse;
+      const double wt = pr.target_weight(t);
+      double yt = nan;
+      if (pr.valid(t)) yt = pr.cap > 0 ? pr.cap * std::tanh(x[t] * pr.inv_cap) : x[t];
+      lse_out[r] = rs.lse;
+      loss[r] = pr.loss(lse, wt, yt, rs.smooth);
+      if (!g) continue;
+      const GradCoef<double> k = grad_coef(pr, gscale, 0.0, lse, wt);
+      for (int64_t c = 0; c < V; ++c) {
+        const double th = pr.cap > 0 ? std::tanh(x[c] * pr.inv_cap) : 0.0;
+        const double y = pr.cap > 0 ? pr.cap * th : x[c];
+        double gv = k.a * std::exp(y - lse);
+        if (pr.eps > 0) gv -= k.b_smooth * (pr.weight ? pr.weight[c] : 1.0);
+        if (c == t) gv -= k.b_target;
+        g[c] = pr.cap > 0 ? gv * (1.0 - th * th) : gv;
+      }
+    }
+  });
+  if (p.reduced != nullptr) {
+    double sum = 0;
+    for (int64_t r = 0; r < p.rows; ++r) sum += loss[r];
+    *static_cast<double*>(p.reduced) = p.reduction == Reduction::mean ? sum / pr.denom : sum;
+  }
+}
+
+void stats64(const CrossEntropyParams& p) {
+  const Problem<double> pr(p);
+  const auto* logits = static_cast<const double*>(p.logits);
+  auto* lse_out = static_cast<double*>(p.lse);
+  auto* yt_out = static_cast<double*>(p.target_logit);
+  auto* sm_out = static_cast<double*>(p.smooth_sum);
+  const double* w_local = pr.weight ? pr.weight + p.class_offset : nullptr;
+  parallel_for(p.rows, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t t = p.target[r];
+      if (t == p.ignore_index) {
+        lse_out[r] = yt_out[r] = 0.0;
+        if (sm_out) sm_out[r] = 0.0;
+        continue;
+      }
+      const double* x = logits + r * p.ld;
+      const RowSums64 rs = row_sums64(x, p.classes, pr, w_local, sm_out != nullptr);
+      lse_out[r] = rs.lse;
+      double yt = 0.0;
+      if (!pr.valid(t)) {
+        yt = std::numeric_limits<double>::quiet_NaN();
+      } else if (t >= p.class_offset && t < p.class_offset + p.classes) {
+        const double xt = x[t - p.class_offset];
+        yt = pr.cap > 0 ? pr.cap * std::tanh(xt * pr.inv_cap) : xt;
+      }
+      yt_out[r] = yt;
+      if (sm_out) sm_out[r] = rs.smooth;
+    }
+  });
+}
+
+void backward64(const CrossEntropyParams& p) {
+  const Problem<double> pr(p);
+  const auto* logits = static_cast<const double*>(p.logits);
+  auto* grad = static_cast<double*>(p.grad);
+  const auto* lse_in = static_cast<const double*>(p.lse);
+  const auto* gloss = static_cast<const double*>(p.grad_loss);
+  const auto* glse = static_cast<const double*>(p.grad_lse);
+  const double rscale = pr.reduction_scale();
+  const double* w_local = pr.weight ? pr.weight + p.class_offset : nullptr;
+  const int64_t V = p.classes;
+  parallel_for(p.rows, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t t = p.target[r];
+      double* g = grad + r * p.grad_ld;
+      if (t == p.ignore_index) {
+        std::fill(g, g + V, 0.0);
+        continue;
+      }
+      const double* x = logits + r * p.ld;
+      const double lse = lse_in[r];
+      const GradCoef<double> k =
+          grad_coef(pr, gloss[r * p.grad_loss_stride] * rscale, glse ? glse[r] : 0.0, lse, pr.target_weight(t));
+      const int64_t t_local = pr.valid(t) ? t - p.class_offset : -1;
+      for (int64_t c = 0; c < V; ++c) {
+        const double th = pr.cap > 0 ? std::tanh(x[c] * pr.inv_cap) : 0.0;
+        const double y = pr.cap > 0 ? pr.cap * th : x[c];
+        double gv = k.a * std::exp(y - lse);
+        if (pr.eps > 0) gv -= k.b_smooth * (w_local ? w_local[c] : 1.0);
+        if (c == t_local) gv -= k.b_target;
+        g[c] = pr.cap > 0 ? gv * (1.0 - th * th) : gv;
+      }
+    }
+  });
+}
+
+}  // namespace
+
+void cross_entropy_forward(const CrossEntropyParams& p) {
+  switch (p.dtype) {
+    case DType::f32: return forward_vec<float>(p);
+    case DType::bf16: return forward_vec<bf16_t>(p);
+    case DType::f16: return forward_vec<fp16_t>(p);
+    case DType::f64: return forward64(p);
+  }
+}
+
+void cross_entropy_stats(const CrossEntropyParams& p) {
+  switch (p.dtype) {
+    case DType::f32: return stats_vec<float>(p);
+    case DType::bf16: return stats_vec<bf16_t>(p);
+    case DType::f16: return stats_vec<fp16_t>(p);
+    case DType::f64: return stats64(p);
+  }
+}
+
+void cross_entropy_backward(const CrossEntropyParams& p) {
+  switch (p.dtype) {
+    case DType::f32: return backward_vec<float>(p);
+    case DType::bf16: return backward_vec<bf16_t>(p);
+    case DType::f16: return backward_vec<fp16_t>(p);
+    case DType::f64: return backward64(p);
+  }
+}
+
+}  // namespace fusedops::cpu::FUSEDOPS_CPU_ISA
