@@ -17,6 +17,7 @@ from .attention import Attention, attention, attention_varlen, scaled_dot_produc
 from .cross_entropy import CrossEntropyLoss, cross_entropy  # noqa: E402
 from .linear_cross_entropy import LinearCrossEntropyLoss, linear_cross_entropy  # noqa: E402
 from . import nn  # noqa: E402,F401
+from .patching import is_patched, patch, patch_report, unpatch  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -67,6 +68,10 @@ __all__ = [
     "linear_cross_entropy",
     "build_info",
     "current_backend",
+    "is_patched",
+    "patch",
+    "patch_report",
+    "unpatch",
     "nn",
     "optim",
     "set_cpu_isa",

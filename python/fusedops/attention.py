@@ -20,6 +20,7 @@ from typing import Optional, Sequence
 import torch
 
 from . import _backend
+from ._autocast import cast_lower
 
 __all__ = ["scaled_dot_product_attention", "attention", "attention_varlen", "Attention"]
 
@@ -281,6 +282,8 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
     dim is contiguous (e.g. a (B, S, H, D) tensor transposed to (B, H, S, D)).
     """
     fn = "scaled_dot_product_attention"
+    if isinstance(query, torch.Tensor):
+        query, key, value, attn_mask = cast_lower(query.device, query, key, value, attn_mask)
     _check_qkv(query, key, value, fn, 2, ("query", "key", "value"))
     dropout_p = _check_dropout(dropout_p, fn)
     L, S, E = query.shape[-2], key.shape[-2], query.shape[-1]
@@ -352,6 +355,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     kernel always does).
     """
     fn = "attention"
+    if isinstance(q, torch.Tensor):
+        q, k, v = cast_lower(q.device, q, k, v)
     _check_qkv(q, k, v, fn, 4)
     for t, name in ((q, "q"), (k, "k"), (v, "v")):
         if t.dim() != 4:
@@ -417,6 +422,8 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     (b · Hq + h) · max_seqlen_q + i, so the same dropout mask needs the same max_seqlen_q.
     """
     fn = "attention_varlen"
+    if isinstance(q, torch.Tensor):
+        q, k, v = cast_lower(q.device, q, k, v)
     _check_qkv(q, k, v, fn, 3, seq_dim=0)
     for t, name in ((q, "q"), (k, "k"), (v, "v")):
         if t.dim() != 3:

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from . import _backend
+from ._autocast import cast_float32
 
 __all__ = ["cross_entropy", "CrossEntropyLoss"]
 
@@ -340,6 +341,8 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
     Returns the loss (input's dtype), or (loss, lse) with return_lse.
     """
     op = "cross_entropy"
+    if isinstance(input, Tensor):
+        input, weight = cast_float32(input.device, input, weight)
     if size_average is not None or reduce is not None:
         reduction = _legacy_reduction(size_average, reduce)
     red, eps, z, cap = _options(op, reduction, label_smoothing, z_loss, softcap, ignore_index)

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from . import _backend
+from ._autocast import autocast_dtype, cast_lower
 from .cross_entropy import (_REDUCTIONS, _acc, _legacy_reduction, _ops, _options, combine_shards, reduce_loss,
                             shard_layout)
 
@@ -111,6 +112,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
         ctx.calls = 0
         ctx.set_materialize_grads(False)
         ctx.bias_dtype = bias.dtype if bias is not None else None
+        if not want_lse:
+            ctx.mark_non_differentiable(lse_all)
         if fused:
             ctx.save_for_backward(dh, dw, db)
         else:
@@ -124,9 +127,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         if g_loss is None and g_lse is None:
             return (None, None, None) + none
         if ctx.fused:
-            if g_lse is not None:
-                raise RuntimeError("fusedops.linear_cross_entropy: the lse of a forward that computed the gradients "
-                                   "in advance cannot be differentiated (pass return_lse=True)")
+            # g_lse, when present, is zeros: without return_lse the lse never reaches the caller.
             if ctx.scaled:
                 raise RuntimeError("fusedops.linear_cross_entropy: the gradients computed in the forward were "
                                    "already scaled in place by the first backward through this graph (an upstream "
@@ -194,6 +195,11 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor, bias: O
     Returns the loss (hidden's dtype), or (loss, lse) with return_lse.
     """
     op = "linear_cross_entropy"
+    # Under autocast, as torch's F.cross_entropy(F.linear(hidden, weight, bias)): the matmul in the autocast
+    # dtype, the loss in float32.
+    autocast_on = isinstance(hidden, Tensor) and autocast_dtype(hidden.device) is not None
+    if autocast_on:
+        hidden, weight, bias = cast_lower(hidden.device, hidden, weight, bias)
     if size_average is not None or reduce is not None:
         reduction = _legacy_reduction(size_average, reduce)
     red, eps, z, cap = _options(op, reduction, label_smoothing, z_loss, softcap, ignore_index)
@@ -233,9 +239,10 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor, bias: O
         h2 = h2.contiguous()
     t2 = target.reshape(-1).long()
     rows = _chunk_rows(h2.shape[0], v, h2.element_size(), chunk_size)
-    loss, lse = _LinearCrossEntropy.apply(h2, weight, bias, t2, class_weight, ignore_index, red, eps, z, cap, rows,
-                                          bool(return_lse), process_group, backend)
-    loss = loss.to(hidden.dtype)
+    with torch.autocast(hidden.device.type, enabled=False):
+        loss, lse = _LinearCrossEntropy.apply(h2, weight, bias, t2, class_weight, ignore_index, red, eps, z, cap,
+                                              rows, bool(return_lse), process_group, backend)
+    loss = loss.to(torch.float32 if autocast_on and hidden.dtype != torch.float64 else hidden.dtype)
     if red == 0:
         loss = loss.reshape(target.shape)
     if return_lse:
