@@ -73,6 +73,10 @@ def compare(op: str, check: str, backend: str, got: torch.Tensor, expected: torc
 def run_checks(ops: list[str] | None, backends: list[str] | None, seed: int) -> list[Result]:
     available = fusedops.available_backends()
     chosen = [b for b in (backends or available) if b in available]
+    for b in backends or ():
+        if b not in available:
+            print(f"backend {b!r} is not available here (available: {', '.join(available)}): skipped",
+                  file=sys.stderr)
     results = []
     for check in CHECKS:
         if ops and check.op not in ops:
@@ -100,7 +104,7 @@ def run_checks(ops: list[str] | None, backends: list[str] | None, seed: int) -> 
 
 def format_results(results: list[Result]) -> str:
     header = ("op", "check", "backend", "dtype", "max error", "tolerance", "result", "note")
-    rows = [header] + [(r.op, r.check, r.backend, r.dtype, f"{r.max_abs_err:.2e}", f"{r.tolerance:.0e}",
+    rows = [header] + [(r.op, r.check, r.backend, r.dtype, f"{r.max_abs_err:.2e}", f"{r.tolerance:.1e}",
                         "PASS" if r.passed else "FAIL", r.note) for r in results]
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
@@ -134,4 +138,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    # Run as `python -m fusedops.check` this file is __main__, a second copy of the module: the checks register
+    # themselves (fusedops/_checks.py) in fusedops.check's CHECKS, so that module's main() must run them.
+    from fusedops.check import main as _main
+
+    raise SystemExit(_main())
