@@ -26,10 +26,10 @@ all: test
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-$(DEPS_STAMP): | $(PY)
+$(DEPS_STAMP): Makefile | $(PY)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH)" numpy "cmake>=3.26" ninja "scikit-build-core>=0.10" \
-	    pytest pytest-xdist matplotlib tqdm $(CUDA_HEADER_WHEELS)
+	    pytest pytest-xdist matplotlib tqdm "transformers==5.23.0" $(CUDA_HEADER_WHEELS)
 	touch $@
 
 setup: $(DEPS_STAMP)
