@@ -12,7 +12,7 @@
 #include <cstring>
 #include <limits>
 
-#if defined(__F16C__) || defined(__AVX512F__)
+#if defined(__SSE__)
 #include <immintrin.h>
 #endif
 
@@ -43,12 +43,19 @@ struct fp16_t {
   uint16_t bits;
 };
 
-// A float in every lane (one vbroadcastss; `vfloat{} + x` would cost an FP add first, since x + 0 is
-// not x for x = -0).
+// A float in every lane, as one vbroadcastss. (`vfloat{} + x` costs an FP add first, since x + 0 is not x
+// for x = -0; a lane-by-lane loop compiles to a chain of vinsertps.)
 inline vfloat vbroadcast(float x) {
-  vfloat v;
-  for (int i = 0; i < kLanes; ++i) v[i] = x;
-  return v;
+#if defined(__AVX512F__)
+  return (vfloat)_mm512_set1_ps(x);
+#elif defined(__AVX__)
+  return (vfloat)_mm256_set1_ps(x);
+#elif defined(__SSE__)
+  return (vfloat)_mm_set1_ps(x);
+#else
+  static_assert(kLanes == 4, "non-x86 CPUs use 16-byte vectors");
+  return vfloat{x, x, x, x};
+#endif
 }
 
 inline vfloat as_float(vuint v) {
