@@ -253,6 +253,58 @@ struct RowSums {
   int chunks;
 };
 
+// The common case gets its own lean loops (no softcap, no smoothing sum, no per-vector option tests), so the
+// compiler keeps the accumulators in registers: the general loops below spill them and run ~5x slower.
+
+// Max of a chunk of plain logits; 16-bit ones are also converted into `cb`.
+template <class T>
+inline vfloat chunk_max_plain(const T* xc, int64_t len, float* cb) {
+  constexpr bool kConvert = !std::is_same<T, float>::value;
+  vfloat m0 = vbroadcast(-kInf), m1 = m0;
+  int64_t i = 0;
+  for (; i + 2 * kLanes <= len; i += 2 * kLanes) {
+    const vfloat v0 = load(xc + i), v1 = load(xc + i + kLanes);
+    m0 = vmax(m0, v0);
+    m1 = vmax(m1, v1);
+    if constexpr (kConvert) {
+      store(cb + i, v0);
+      store(cb + i + kLanes, v1);
+    }
+  }
+  for (; i < len; i += kLanes) {
+    const int n = static_cast<int>(std::min<int64_t>(kLanes, len - i));
+    const vfloat v = mask_tail(load_n(xc + i, n), n, -kInf);
+    m0 = vmax(m0, v);
+    if constexpr (kConvert) store(cb + i, v);
+  }
+  return vmax(m0, m1);
+}
+
+// Σ e^(y - ref) over a chunk, read from the fp32 chunk buffer (kBuffered) or the fp32 logits; the exps are
+// also kept in `keep` (kKeep). Lanes past the end read as -inf: e = 0.
+template <class T, bool kBuffered, bool kKeep>
+inline float chunk_exp_sum(const float* src, int64_t len, float ref, float* keep) {
+  vfloat acc0 = vbroadcast(0.0f), acc1 = acc0;
+  int64_t i = 0;
+  for (; i + 2 * kLanes <= len; i += 2 * kLanes) {
+    const vfloat e0 = exp_shifted<T>(load(src + i), ref), e1 = exp_shifted<T>(load(src + i + kLanes), ref);
+    acc0 += e0;
+    acc1 += e1;
+    if constexpr (kKeep) {
+      store(keep + i, e0);
+      store(keep + i + kLanes, e1);
+    }
+  }
+  for (; i < len; i += kLanes) {
+    const vfloat x = kBuffered || i + kLanes <= len ? load(src + i)
+                                                    : load_partial(src + i, static_cast<int>(len - i), -kInf);
+    const vfloat e = exp_shifted<T>(x, ref);
+    acc0 += e;
+    if constexpr (kKeep) store(keep + i, e);
+  }
+  return hsum(acc0 + acc1);
+}
+
 // One read of the row: chunk maxima and exp sums, Σ w_c y_c when `want_smooth`, the exps (and tanhs) kept
 // in the scratch row buffers when they exist. A chunk is read from memory once: the first pass takes its
 // max (and converts it into the chunk buffer when it is not plain fp32), the second, from L1, its exps.
@@ -268,51 +320,44 @@ RowSums row_sweep(const T* x, int64_t classes, int64_t head, const Problem<float
     const int64_t end = chunk_end(start, head, classes);
     const int64_t len = end - start;
     const T* xc = x + start;
-    vfloat vmx0 = vbroadcast(-kInf), vmx1 = vmx0, vsm = vbroadcast(0.0f);
-    auto first = [&](int64_t i, int n, vfloat& vmx) {
-      vfloat v = load_n(xc + i, n);
-      if (capped) {
-        vfloat th;
-        v = apply_cap(v, pr.cap, pr.inv_cap, &th);
-        if (s.tanhs) store(s.tanhs.get() + start + i, th);
+    vfloat vmx;
+    if (!capped && !want_smooth) {
+      vmx = chunk_max_plain(xc, len, cb);
+    } else {
+      vfloat vmx0 = vbroadcast(-kInf), vmx1 = vmx0, vsm = vbroadcast(0.0f);
+      auto first = [&](int64_t i, int n, vfloat& vm) {
+        vfloat v = load_n(xc + i, n);
+        if (capped) {
+          vfloat th;
+          v = apply_cap(v, pr.cap, pr.inv_cap, &th);
+          if (s.tanhs) store(s.tanhs.get() + start + i, th);
+        }
+        if (want_smooth) vsm += (w_local != nullptr ? v * load_n(w_local + start + i, n) : v);  // tail lanes: 0
+        v = mask_tail(v, n, -kInf);
+        vm = vmax(vm, v);
+        if (buffered) store(cb + i, v);
+      };
+      int64_t i = 0;
+      for (; i + 2 * kLanes <= len; i += 2 * kLanes) {
+        first(i, kLanes, vmx0);
+        first(i + kLanes, kLanes, vmx1);
       }
-      if (want_smooth) vsm += (w_local != nullptr ? v * load_n(w_local + start + i, n) : v);  // tail lanes: 0
-      v = mask_tail(v, n, -kInf);
-      vmx = vmax(vmx, v);
-      if (buffered) store(cb + i, v);
-    };
-    int64_t i = 0;
-    for (; i + 2 * kLanes <= len; i += 2 * kLanes) {
-      first(i, kLanes, vmx0);
-      first(i + kLanes, kLanes, vmx1);
+      for (; i < len; i += kLanes) first(i, static_cast<int>(std::min<int64_t>(kLanes, len - i)), vmx0);
+      vmx = vmax(vmx0, vmx1);
+      if (want_smooth) smooth += hsum(vsm);
     }
-    for (; i < len; i += kLanes) first(i, static_cast<int>(std::min<int64_t>(kLanes, len - i)), vmx0);
-    const float mx = hmax(vmax(vmx0, vmx1));
+    const float mx = hmax(vmx);
     const float ref = mx == -kInf ? 0.0f : mx;
-    // Lanes past the end read as -inf (the buffer holds -inf there; direct reads fill with it): e = 0.
-    auto chunk_at = [&](int64_t j) {
-      if (buffered) return load(cb + j);
-      return j + kLanes <= len ? load(x + start + j) : load_partial(x + start + j, static_cast<int>(len - j), -kInf);
-    };
-    vfloat acc0 = vbroadcast(0.0f), acc1 = vbroadcast(0.0f);
     float* keep = s.exps ? s.exps.get() + start : nullptr;
-    i = 0;
-    for (; i + 2 * kLanes <= len; i += 2 * kLanes) {
-      const vfloat e0 = exp_shifted<T>(chunk_at(i), ref), e1 = exp_shifted<T>(chunk_at(i + kLanes), ref);
-      acc0 += e0;
-      acc1 += e1;
-      if (keep) {
-        store(keep + i, e0);
-        store(keep + i + kLanes, e1);
-      }
+    float sum;
+    if (buffered) {
+      sum = keep ? chunk_exp_sum<T, true, true>(cb, len, ref, keep) : chunk_exp_sum<T, true, false>(cb, len, ref, keep);
+    } else if constexpr (std::is_same<T, float>::value) {  // unbuffered: plain fp32 logits, read again from L1
+      sum = keep ? chunk_exp_sum<T, false, true>(xc, len, ref, keep) : chunk_exp_sum<T, false, false>(xc, len, ref, keep);
+    } else {
+      sum = kNaN;  // unreachable: 16-bit logits are always buffered
     }
-    for (; i < len; i += kLanes) {
-      const vfloat e = exp_shifted<T>(chunk_at(i), ref);
-      acc0 += e;
-      if (keep) store(keep + i, e);
-    }
-    s.stats[nchunks++] = ChunkStat{mx, ref, hsum(acc0 + acc1)};
-    if (want_smooth) smooth += hsum(vsm);
+    s.stats[nchunks++] = ChunkStat{mx, ref, sum};
     start = end;
   }
   float mx = -kInf;
@@ -367,6 +412,25 @@ int64_t aligned_head(const T* g, int64_t classes) {
   return std::min(head, classes);
 }
 
+// g[start, end) = a·e - b_target·[c = t] (no smoothing, no softcap): the common case's lean loop. The last
+// vector is stored partially; the chunk holds at least one whole vector.
+template <class T, bool kStream>
+inline void grad_chunk_plain(T* g, const float* e, int64_t start, int64_t end, float a, int64_t t_local,
+                             float b_target) {
+  const vfloat va = vbroadcast(a);
+  int64_t i = start;
+  for (; i + kLanes <= end; i += kLanes) {
+    vfloat gv = load(e + i) * va;
+    if (t_local - i >= 0 && t_local - i < kLanes) gv = sub_target(gv, i, t_local, b_target);
+    if constexpr (kStream) {
+      store_stream(g + i, gv);
+    } else {
+      store(g + i, gv);
+    }
+  }
+  if (i < end) store_partial(g + i, sub_target(load(e + i) * va, i, t_local, b_target), static_cast<int>(end - i));
+}
+
 template <class T>
 void forward_vec(const CrossEntropyParams& p) {
   const Problem<float> pr(p);
@@ -418,6 +482,15 @@ void forward_vec(const CrossEntropyParams& p) {
         // A chunk of -inf logits holds zeros (or NaN); a NaN lse must still make the whole row NaN.
         const float f = std::isnan(lse) ? kNaN : (cs.max == -kInf ? 0.0f : std::exp(cs.ref - lse));
         const float a = k.a * f;
+        if (!want_smooth && !th && end - start >= kLanes) {
+          if (stream) {
+            grad_chunk_plain<T, true>(g, e, start, end, a, t_local, k.b_target);
+          } else {
+            grad_chunk_plain<T, false>(g, e, start, end, a, t_local, k.b_target);
+          }
+          start = end;
+          continue;
+        }
         for (int64_t i = start; i < end; i += kLanes) {
           const int n = static_cast<int>(std::min<int64_t>(kLanes, end - i));
           vfloat gv = load(e + i) * a;
