@@ -92,16 +92,20 @@ def test_wrong_reference_fails(monkeypatch, capsys):
 
 def test_broken_optimizer_fails(monkeypatch):
     """An optimizer step that moves every param 1e-4 too far: every adam row fails, on every backend."""
-    real_step = fusedops.optim.FusedAdam.step
+    # Both classes: torch.optim.Optimizer.__init__ copies a wrapped `step` onto the subclass the first time one
+    # is built, so FusedAdamW may hold its own reference to the real step.
+    def broken(real_step):
+        def step(self, closure=None):
+            real_step(self, closure)
+            with torch.no_grad():
+                for group in self.param_groups:
+                    for p in group["params"]:
+                        p.add_(1e-4)
+        step.hooked = True  # keep torch from wrapping it again
+        return step
 
-    def step(self, closure=None):
-        real_step(self, closure)
-        with torch.no_grad():
-            for group in self.param_groups:
-                for p in group["params"]:
-                    p.add_(1e-4)
-
-    monkeypatch.setattr(fusedops.optim.FusedAdam, "step", step)
+    for cls in (fusedops.optim.FusedAdam, fusedops.optim.FusedAdamW):
+        monkeypatch.setattr(cls, "step", broken(cls.step))
     results = check.run_checks(["adam"], None, 0)
     assert {r.backend for r in results} == set(fusedops.available_backends())
     assert len(results) >= 4 * len(fusedops.available_backends())
