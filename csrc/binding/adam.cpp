@@ -23,14 +23,6 @@ namespace {
 
 constexpr const char* kOp = "fusedops.adam_step_";
 
-DType dtype_of(c10::ScalarType t) {
-  switch (t) {
-    case at::kHalf: return DType::f16;
-    case at::kBFloat16: return DType::bf16;
-    default: return DType::f32;
-  }
-}
-
 std::string item(const char* list, size_t i) { return std::string(list) + "[" + std::to_string(i) + "]"; }
 
 // Elements in the same storage order as `ref` (dense, same shape, equal strides wherever a size exceeds 1):
@@ -207,14 +199,14 @@ void adam_step(at::TensorList params, at::TensorList grads, at::TensorList exp_a
           TORCH_CHECK_VALUE(arrays[a] == nullptr || arrays[a] != arrays[c], kOp,
                             ": the param, grad and state tensors of ", pname, " must not share memory");
     }
-    groups[{static_cast<int>(dtype_of(p.scalar_type())), static_cast<int>(rounding)}].push_back(t);
+    groups[{static_cast<int>(dtype_code(p.scalar_type())), static_cast<int>(rounding)}].push_back(t);
   }
 
   for (const auto& [key, tensors] : groups) {
     AdamConfig cfg = base;
     cfg.param_dtype = static_cast<DType>(key.first);
     cfg.rounding = static_cast<AdamParamRounding>(key.second);
-    cfg.state_dtype = dtype_of(state_type.value_or(at::kFloat));
+    cfg.state_dtype = dtype_code(state_type.value_or(at::kFloat));
     dispatch(b, cfg, tensors, ticket, first);
   }
 }

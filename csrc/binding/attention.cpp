@@ -24,15 +24,6 @@ namespace {
 constexpr const char* kFwd = "fusedops.attention_forward";
 constexpr const char* kBwd = "fusedops.attention_backward";
 
-DType dtype_of(const at::Tensor& t) {
-  switch (t.scalar_type()) {
-    case at::kFloat: return DType::f32;
-    case at::kHalf: return DType::f16;
-    case at::kBFloat16: return DType::bf16;
-    default: return DType::f64;
-  }
-}
-
 void strides3(const at::Tensor& t, bool varlen, int64_t (&s)[3]) {
   if (varlen) {  // (total, H, D)
     s[0] = 0;
@@ -78,7 +69,7 @@ AttentionForwardParams forward_params(const char* op, Backend b, Inputs& in, int
   in.v = unit_last_stride(in.v);
 
   AttentionForwardParams p;
-  p.dtype = dtype_of(in.q);
+  p.dtype = dtype_code(in.q.scalar_type());
   const int64_t hd = 1;  // the heads dimension: (batch, heads, seq, dim) and (total, heads, dim) alike
   p.heads_q = in.q.size(hd);
   p.heads_kv = in.k.size(hd);
@@ -179,7 +170,7 @@ AttentionForwardParams forward_params(const char* op, Backend b, Inputs& in, int
                       "), got ", in.mask.sizes());
     check_same_device(in.mask, in.q, op, "attn_mask", "query");
     p.mask_kind = mt == at::kBool ? AttentionMask::boolean : AttentionMask::additive;
-    p.mask_dtype = mt == at::kBool ? DType::f32 : dtype_of(in.mask);
+    p.mask_dtype = mt == at::kBool ? DType::f32 : dtype_code(in.mask.scalar_type());
     p.mask = in.mask.data_ptr();
     for (int i = 0; i < 4; ++i) p.mask_stride[i] = in.mask.size(i) == 1 ? 0 : in.mask.stride(i);
   }

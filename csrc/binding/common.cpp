@@ -40,6 +40,16 @@ bool cuda_compiled() {
 #endif
 }
 
+DType dtype_code(c10::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return DType::f32;
+    case at::kHalf: return DType::f16;
+    case at::kBFloat16: return DType::bf16;
+    case at::kDouble: return DType::f64;
+    default: TORCH_CHECK(false, "fusedops: internal error: no kernel dtype for ", t);
+  }
+}
+
 std::string dtype_list(std::initializer_list<c10::ScalarType> allowed) {
   std::string s;
   size_t i = 0;

@@ -10,6 +10,7 @@
 #include <optional>
 #include <string>
 
+#include "common/dtype.h"
 #include "common/stream.h"
 
 namespace fusedops {
@@ -22,6 +23,8 @@ const char* backend_name(Backend b);
 bool cuda_compiled();
 
 std::string dtype_list(std::initializer_list<c10::ScalarType> allowed);
+// The kernels' code for a float dtype (f32, f16, bf16, f64); callers check the dtype first.
+DType dtype_code(c10::ScalarType t);
 
 // The tensor lives where the backend runs (CPU memory for cpu and emulated, a CUDA device for cuda).
 void check_device(Backend b, const at::Tensor& t, const char* op, const char* arg);

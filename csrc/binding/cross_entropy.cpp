@@ -39,15 +39,6 @@ constexpr const char* kBwd = "fusedops.cross_entropy_backward";
 constexpr const char* kBwdInplace = "fusedops.cross_entropy_backward_";
 constexpr const char* kStats = "fusedops.cross_entropy_stats";
 
-DType dtype_of(const at::Tensor& t) {
-  switch (t.scalar_type()) {
-    case at::kFloat: return DType::f32;
-    case at::kHalf: return DType::f16;
-    case at::kBFloat16: return DType::bf16;
-    default: return DType::f64;
-  }
-}
-
 at::ScalarType accum_type(const at::Tensor& logits) {
   return logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
@@ -115,7 +106,7 @@ CrossEntropyParams prepare(const char* op, Backend b, Keep& keep, const at::Tens
                     softcap);
 
   CrossEntropyParams p;
-  p.dtype = dtype_of(logits);
+  p.dtype = dtype_code(logits.scalar_type());
   p.logits = keep.logits.data_ptr();
   p.rows = rows;
   p.classes = classes;
