@@ -203,22 +203,30 @@ def main(argv: list[str] | None = None) -> int:
     results = [train(make(), cfg, data, device, dtype) for make in (stock_impl, fused_impl)]
 
     ref, ours = results
-    worst = max(abs(a - b) / max(abs(a), 1e-6) for a, b in zip(ref["losses"], ours["losses"]))
-    tol = 1e-3 if dtype == torch.float32 else 5e-2
+    # Two float32 runs whose kernels round differently start bitwise equal and drift apart exponentially
+    # (training is chaotic: a 1e-7 difference at step 10 is ~1e-3 by step 80, for any two implementations).
+    # So: step by step over the first steps, then the trend (mean of the last 20 steps).
+    early = min(25, cfg.steps)
+    worst = max(abs(a - b) / max(abs(a), 1e-6) for a, b in zip(ref["losses"][:early], ours["losses"][:early]))
+    tail = min(20, cfg.steps)
+    mean_ref, mean_ours = (sum(r["losses"][-tail:]) / tail for r in results)
+    tail_diff = abs(mean_ref - mean_ours) / abs(mean_ref)
+    tol, tail_tol = (1e-4, 3e-2) if dtype == torch.float32 else (5e-2, 1e-1)
     print(f"{'impl':10} {'first loss':>10} {'last loss':>10} {'ms/step':>8} {'peak MiB':>9}")
     for r in results:
         peak = f"{r['peak_mib']:.0f}" if r["peak_mib"] is not None else "n/a"
         print(f"{r['impl']:10} {r['losses'][0]:10.4f} {r['losses'][-1]:10.4f} {r['step_ms']:8.1f} {peak:>9}")
-    agree = worst <= tol
-    print(f"largest relative difference between the loss curves: {worst:.2e} "
-          f"({'within' if agree else 'OUTSIDE'} the {tol:g} tolerance for {args.dtype})")
+    agree = worst <= tol and tail_diff <= tail_tol
+    print(f"largest relative difference over the first {early} steps: {worst:.2e} (tolerance {tol:g}); "
+          f"mean of the last {tail} steps: {mean_ref:.4f} vs {mean_ours:.4f}, {tail_diff:.2%} apart "
+          f"(tolerance {tail_tol:.0%}): {'AGREE' if agree else 'DISAGREE'}")
 
     machine = harness.machine_description(device)
     out = Path(args.out) if args.out else Path(__file__).parent / "results" / harness.machine_tag(machine)
     plot(results, out / "train_gpt.png")
     (out / "train_gpt.json").write_text(json.dumps(
         {"machine": machine, "config": dataclasses.asdict(cfg), "dtype": args.dtype, "results": results,
-         "max_relative_difference": worst, "command": "python -m bench.train_gpt " + " ".join(argv or sys.argv[1:])},
+         "max_relative_difference_early": worst, "tail_mean_difference": tail_diff, "command": "python -m bench.train_gpt " + " ".join(argv or sys.argv[1:])},
         indent=1))
     print(f"curves plotted in {out / 'train_gpt.png'}", file=sys.stderr)
     return 0 if agree else 1
