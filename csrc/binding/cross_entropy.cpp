@@ -26,10 +26,6 @@
 #include "binding/common.h"
 #include "kernels/cross_entropy.h"
 
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
-
 namespace fusedops {
 namespace {
 
@@ -133,21 +129,6 @@ CrossEntropyParams prepare(const char* op, Backend b, Keep& keep, const at::Tens
   return p;
 }
 
-// A fresh gradient buffer costs a page fault per 4 KiB on first touch, which on the CPU takes about as long
-// as the kernel's own work; asking for transparent huge pages (when the system leaves that to madvise)
-// makes it one fault per 2 MiB. Only a hint: nothing changes if the kernel declines.
-void advise_huge_pages(const at::Tensor& t) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHuge = uintptr_t{2} << 20;
-  if (!t.device().is_cpu() || t.nbytes() < 4 * kHuge) return;
-  const auto begin = reinterpret_cast<uintptr_t>(t.data_ptr());
-  const uintptr_t first = (begin + kHuge - 1) & ~(kHuge - 1), last = (begin + t.nbytes()) & ~(kHuge - 1);
-  if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
-#else
-  (void)t;
-#endif
-}
-
 Reduction to_reduction(int64_t r, const char* op) {
   TORCH_CHECK_VALUE(r >= 0 && r <= 2, op, ": reduction must be 0 (none), 1 (mean) or 2 (sum), got ", r);
   return static_cast<Reduction>(r);
@@ -243,7 +224,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_forward(
       prepare(kFwd, b, keep, logits, target, weight, ignore_index, label_smoothing, z_loss, softcap, 0, -1, false);
   at::Tensor grad = compute_grad ? new_output({p.rows, p.classes}, logits.options())
                                  : at::empty({0}, logits.options());
-  advise_huge_pages(grad);
   auto [loss, lse] = forward_into(kFwd, b, p, keep, compute_grad ? grad : at::Tensor(), grad_scale,
                                   to_reduction(reduction, kFwd));
   return {loss, lse, grad};
@@ -305,7 +285,6 @@ at::Tensor cross_entropy_backward(const at::Tensor& grad_loss, const std::option
                                  class_offset, total_classes, false);
   prepare_backward(kBwd, p, keep, grad_loss, grad_lse, lse, to_reduction(reduction, kBwd));
   at::Tensor grad = new_output({p.rows, p.classes}, logits.options());
-  advise_huge_pages(grad);
   p.grad = grad.data_ptr();
   p.grad_ld = p.classes;
   if (p.rows > 0) dispatch(b, Entry::backward, p, keep.logits);

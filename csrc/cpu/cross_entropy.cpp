@@ -53,24 +53,32 @@ constexpr float kLog2e = 1.44269504088896341f;
 // NaN; t >= 128 gives +inf.
 template <bool kWide>
 inline vfloat exp2_lean(vfloat t) {
-  t = t < -127.0f ? vbroadcast(-127.0f) : t;  // written so that NaN passes through
+  // max(-127, t) with NaN passing through: x86's max returns its second operand when either is NaN (one
+  // instruction, where the portable select is a compare and a blend).
+#if defined(__AVX512F__)
+  t = (vfloat)_mm512_mask_max_ps((__m512)t, 0xFFFF, _mm512_set1_ps(-127.0f), (__m512)t);
+#elif defined(__AVX__)
+  t = (vfloat)_mm256_max_ps(_mm256_set1_ps(-127.0f), (__m256)t);
+#elif defined(__SSE__)
+  t = (vfloat)_mm_max_ps(_mm_set1_ps(-127.0f), (__m128)t);
+#else
+  t = t < -127.0f ? vbroadcast(-127.0f) : t;
+#endif
   const vfloat magic = vbroadcast(12582912.0f);
   const vfloat k = t + magic;
   const vfloat f = t - (k - magic);
+  // Estrin's scheme (a dependent chain of three FMAs instead of five).
+  const vfloat f2 = f * f;
   vfloat p;
   if constexpr (kWide) {
-    p = vbroadcast(1.3308824272826314e-3f);
-    p = p * f + 9.671516716480255e-3f;
-    p = p * f + 5.550582334399223e-2f;
-    p = p * f + 2.4022242426872253e-1f;
-    p = p * f + 6.931470632553101e-1f;
+    const vfloat hi = (vbroadcast(1.3308824272826314e-3f) * f + 9.671516716480255e-3f) * f2 +
+                      (vbroadcast(5.550582334399223e-2f) * f + 2.4022242426872253e-1f);
+    p = hi * f2 + (vbroadcast(6.931470632553101e-1f) * f + 1.0f);
   } else {
-    p = vbroadcast(9.585633873939514e-3f);
-    p = p * f + 5.590590462088585e-2f;
-    p = p * f + 2.402404099702835e-1f;
-    p = p * f + 6.931242942810059e-1f;
+    const vfloat hi = vbroadcast(9.585633873939514e-3f) * f2 +
+                      (vbroadcast(5.590590462088585e-2f) * f + 2.402404099702835e-1f);
+    p = hi * f2 + (vbroadcast(6.931242942810059e-1f) * f + 1.0f);
   }
-  p = p * f + 1.0f;
   const vuint bits = (as_uint(k) + (127u - 0x4B400000u)) << 23;  // 0x4B400000: the bits of `magic`
   return p * as_float(bits);
 }
@@ -282,11 +290,21 @@ inline vfloat chunk_max_plain(const T* xc, int64_t len, float* cb) {
 
 // Σ e^(y - ref) over a chunk, read from the fp32 chunk buffer (kBuffered) or the fp32 logits; the exps are
 // also kept in `keep` (kKeep). Lanes past the end read as -inf: e = 0.
+//
+// The exps are compute bound, the next chunk's max pass memory bound: the logits one chunk further on
+// (`ahead`, possibly past the row or the tensor: prefetches never fault) are pulled into the cache while the
+// exps run, so that the two overlap instead of alternating (~18% of the forward's time on an AVX2 EPYC).
+template <class T>
+inline void prefetch_vectors(const T* p) {
+  for (int b = 0; b < 2 * kLanes * static_cast<int>(sizeof(T)); b += 64)
+    __builtin_prefetch(reinterpret_cast<const char*>(p) + b, 0, 3);
+}
 template <class T, bool kBuffered, bool kKeep>
-inline float chunk_exp_sum(const float* src, int64_t len, float ref, float* keep) {
+inline float chunk_exp_sum(const float* src, int64_t len, float ref, float* keep, const T* ahead) {
   vfloat acc0 = vbroadcast(0.0f), acc1 = acc0;
   int64_t i = 0;
   for (; i + 2 * kLanes <= len; i += 2 * kLanes) {
+    prefetch_vectors(ahead + i);
     const vfloat e0 = exp_shifted<T>(load(src + i), ref), e1 = exp_shifted<T>(load(src + i + kLanes), ref);
     acc0 += e0;
     acc1 += e1;
@@ -351,9 +369,11 @@ RowSums row_sweep(const T* x, int64_t classes, int64_t head, const Problem<float
     float* keep = s.exps ? s.exps.get() + start : nullptr;
     float sum;
     if (buffered) {
-      sum = keep ? chunk_exp_sum<T, true, true>(cb, len, ref, keep) : chunk_exp_sum<T, true, false>(cb, len, ref, keep);
+      sum = keep ? chunk_exp_sum<T, true, true>(cb, len, ref, keep, xc + kChunk)
+                 : chunk_exp_sum<T, true, false>(cb, len, ref, keep, xc + kChunk);
     } else if constexpr (std::is_same<T, float>::value) {  // unbuffered: plain fp32 logits, read again from L1
-      sum = keep ? chunk_exp_sum<T, false, true>(xc, len, ref, keep) : chunk_exp_sum<T, false, false>(xc, len, ref, keep);
+      sum = keep ? chunk_exp_sum<T, false, true>(xc, len, ref, keep, xc + kChunk)
+                 : chunk_exp_sum<T, false, false>(xc, len, ref, keep, xc + kChunk);
     } else {
       sum = kNaN;  // unreachable: 16-bit logits are always buffered
     }
