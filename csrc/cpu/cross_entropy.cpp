@@ -53,17 +53,7 @@ constexpr float kLog2e = 1.44269504088896341f;
 // NaN; t >= 128 gives +inf.
 template <bool kWide>
 inline vfloat exp2_lean(vfloat t) {
-  // max(-127, t) with NaN passing through: x86's max returns its second operand when either is NaN (one
-  // instruction, where the portable select is a compare and a blend).
-#if defined(__AVX512F__)
-  t = (vfloat)_mm512_mask_max_ps((__m512)t, 0xFFFF, _mm512_set1_ps(-127.0f), (__m512)t);
-#elif defined(__AVX__)
-  t = (vfloat)_mm256_max_ps(_mm256_set1_ps(-127.0f), (__m256)t);
-#elif defined(__SSE__)
-  t = (vfloat)_mm_max_ps(_mm_set1_ps(-127.0f), (__m128)t);
-#else
-  t = t < -127.0f ? vbroadcast(-127.0f) : t;
-#endif
+  t = vmax(vbroadcast(-127.0f), t);  // NaN passes through
   const vfloat magic = vbroadcast(12582912.0f);
   const vfloat k = t + magic;
   const vfloat f = t - (k - magic);

@@ -207,8 +207,30 @@ inline void store_partial(T* p, vfloat v, int n) {
 }
 
 // ---- arithmetic ----------------------------------------------------------------------------------------
-inline vfloat vmax(vfloat a, vfloat b) { return a > b ? a : b; }  // NaN in a is not propagated: use hmax_nan
-inline vfloat vmin(vfloat a, vfloat b) { return a < b ? a : b; }
+// a > b ? a : b and a < b ? a : b: exactly x86's max/min (NaN in either gives b), one instruction there;
+// GCC compiles the vector selects to a compare and a blend instead. NaN in a is not propagated: use hmax_nan.
+inline vfloat vmax(vfloat a, vfloat b) {
+#if defined(__AVX512F__)
+  return (vfloat)_mm512_mask_max_ps((__m512)b, 0xFFFF, (__m512)a, (__m512)b);  // the unmasked form warns in GCC 12
+#elif defined(__AVX__)
+  return (vfloat)_mm256_max_ps((__m256)a, (__m256)b);
+#elif defined(__SSE__)
+  return (vfloat)_mm_max_ps((__m128)a, (__m128)b);
+#else
+  return a > b ? a : b;
+#endif
+}
+inline vfloat vmin(vfloat a, vfloat b) {
+#if defined(__AVX512F__)
+  return (vfloat)_mm512_mask_min_ps((__m512)b, 0xFFFF, (__m512)a, (__m512)b);
+#elif defined(__AVX__)
+  return (vfloat)_mm256_min_ps((__m256)a, (__m256)b);
+#elif defined(__SSE__)
+  return (vfloat)_mm_min_ps((__m128)a, (__m128)b);
+#else
+  return a < b ? a : b;
+#endif
+}
 inline vfloat vfma(vfloat a, vfloat b, vfloat c) {
 #if defined(__FMA__)
   return a * b + c;  // contracted into vfmadd with -ffp-contract=fast (GCC's default)
