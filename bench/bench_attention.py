@@ -121,14 +121,15 @@ def run_case(ctx, case: Case) -> list[harness.Row]:
     limit = ctx.limits.matmul_tflops(dtype)
     unit = "TFLOP/s" if device.type == "cuda" else "GFLOP/s"
     rows = []
-    for impl, mode, fn, note, first_call in _impls(ctx, case, q, k, v, grad_out):
+    for mode in ("fwd", "fwd+bwd"):
         flops = forward_flops * (3.5 if mode == "fwd+bwd" else 1.0)
         params = {"mode": mode, "B": case.batch, "H": case.heads, "S": case.seq, "D": case.head_dim,
                   "dtype": case.dtype, "causal": case.causal, "x": case.seq, "x_label": "sequence length S",
                   "panel": f"{mode}, D={case.head_dim}, {case.dtype}{', causal' if case.causal else ''}"}
-        rows.append(harness.measure_row(ctx, fn, op=OP, case=f"{mode} {case.label}", impl=impl, unit=unit,
-                                        note=note, first_call=first_call, params=params,
-                                        rate=harness.flop_rate(flops, limit, device)))
+        impls = [harness.Impl(fn, impl, note, first_call)
+                 for impl, m, fn, note, first_call in _impls(ctx, case, q, k, v, grad_out) if m == mode]
+        rows += harness.measure_rows(ctx, impls, op=OP, case=f"{mode} {case.label}", params=params, unit=unit,
+                                     rate=harness.flop_rate(flops, limit, device))
     del q, k, v, grad_out
     harness.free_memory(device)
     return rows

@@ -79,12 +79,9 @@ def run_case(ctx, case: Case) -> list[harness.Row]:
     t = torch.randint(0, case.v, (case.n,), device=device)
     params = {"N": case.n, "V": case.v, "dtype": case.dtype,
               "panel": f"fwd+bwd, N={case.n}, {case.dtype}", "x": case.v, "x_label": "vocabulary V"}
-    rows = []
-    for impl, fn, note, first_call in _impls(ctx, x, t):
-        rows.append(harness.measure_row(ctx, fn, op=OP, case=case.label, impl=impl, unit="GB/s", note=note,
-                                        first_call=first_call, params=params,
-                                        rate=harness.bandwidth(2 * logits_bytes, ctx.limits.copy_gbs)))
-        harness.free_memory(device)
+    impls = [harness.Impl(fn, impl, note, first_call) for impl, fn, note, first_call in _impls(ctx, x, t)]
+    rows = harness.measure_rows(ctx, impls, op=OP, case=case.label, params=params, unit="GB/s",
+                                rate=harness.bandwidth(2 * logits_bytes, ctx.limits.copy_gbs))
     del x, t
     harness.free_memory(device)
     return rows

@@ -94,15 +94,14 @@ def run_case(ctx, case: Case) -> list[harness.Row]:
     target = torch.randint(0, v, (n,), device=device)
     # The stock paths hold the logits, their log-softmax and gradient (fp32 in the loss) at once.
     stock_gib = (3 * n * v * 4 + 2 * v * h * dtype.itemsize) / 2**30 + 0.5
-    rows = []
+    rows, impls = [], []
     for impl, fn, note, first_call in _impls(ctx, hidden, weight, target):
         if impl.startswith("torch") and harness.available_memory_gib(device) < stock_gib:
             rows.append(harness.skipped_row(op=OP, case=case.label, impl=impl, device=device.type, unit=unit,
                                             params=params, note=f"skipped: needs about {stock_gib:.0f} GiB free"))
-            continue
-        rows.append(harness.measure_row(ctx, fn, op=OP, case=case.label, impl=impl, unit=unit, note=note,
-                                        first_call=first_call, params=params, rate=rate))
-        harness.free_memory(device)
+        else:
+            impls.append(harness.Impl(fn, impl, note, first_call))
+    rows = harness.measure_rows(ctx, impls, op=OP, case=case.label, params=params, unit=unit, rate=rate) + rows
     del hidden, weight, target
     harness.free_memory(device)
     return rows

@@ -1,7 +1,8 @@
 """Benchmark harness shared by every op's benchmark (bench/bench_*.py).
 
-* timing: warmed-up repetitions, the median reported (CUDA events on a GPU, perf_counter on the CPU);
-  each measurement has a time budget, so a slow call gets fewer repetitions instead of minutes;
+* timing: warmed-up repetitions, the median reported (CUDA events on a GPU, perf_counter on the CPU),
+  the implementations of a case timed in interleaved rounds so that load changing on a shared machine
+  affects them alike; each has a time budget, so a slow call gets fewer repetitions instead of minutes;
 * peak memory: torch's allocator statistics on CUDA, the process's resident high-water mark on the
   CPU (reset through /proc/self/clear_refs before each measurement, after glibc returned its free
   pages), taken on the first (warm-up) call of each measurement;
@@ -79,40 +80,6 @@ def time_ms(fn: Callable[[], object], device: torch.device | str = "cpu", *, war
         if (len(times) >= reps and elapsed >= min_time_s) or elapsed >= max_time_s:
             break
     return min(times) if stat == "min" else statistics.median(times)
-
-
-@dataclasses.dataclass
-class Measurement:
-    ms: float                   # median of the timed repetitions
-    reps: int                   # how many there were
-    peak_mib: Optional[float]   # extra memory at the peak of the first call (None: not measured)
-
-
-def measure(fn: Callable[[], object], device: torch.device | str, *, reps: int = 5, min_time_s: float = 0.2,
-            budget_s: float = 2.0, peak: bool = True) -> Measurement:
-    """Time fn() the suite's way.
-
-    The first call warms up (and, with peak=True, gives the peak memory); a second warm-up follows when
-    a call is cheap next to the budget. Then timed repetitions until there are `reps` of them and
-    `min_time_s` has passed, or until `budget_s` has passed — at least one: a call slower than the budget
-    is timed once after its warm-up, which keeps a pathologically slow peer from eating the run."""
-    device = torch.device(device)
-    t0 = time.perf_counter()
-    peak_mib = peak_memory_mib(fn, device) if peak else None
-    if not peak:
-        fn()
-    sync(device)
-    if (time.perf_counter() - t0) * 4 < budget_s:
-        fn()
-        sync(device)
-    times: list[float] = []
-    start = time.perf_counter()
-    while True:
-        times.append(_time_once_ms(fn, device))
-        elapsed = time.perf_counter() - start
-        if (len(times) >= reps and elapsed >= min_time_s) or elapsed >= budget_s:
-            break
-    return Measurement(ms=statistics.median(times), reps=len(times), peak_mib=peak_mib)
 
 
 # ---- memory --------------------------------------------------------------------------------------------
@@ -426,31 +393,89 @@ def flop_rate(flops: float, limit_tflops: float, device: torch.device) -> Callab
     return rate
 
 
-def measure_row(ctx: Context, fn: Callable[[], object], *, op: str, case: str, impl: str, params: dict,
-                rate: Callable[[float], tuple[float, str, float]], unit: str, note: str = "", peak: bool = True,
-                first_call: bool = False) -> Row:
-    """Measure one implementation of one case (see measure) and make its row; rate turns the median time
-    into (rate, unit, fraction of the limit). first_call: call fn once before the measurement
-    (torch.compile compiles there). An error — a peer that does not compile here, out of
-    memory — gives a row without numbers whose note says why, and the run goes on."""
+@dataclasses.dataclass
+class Impl:
+    """One implementation of a case, to be measured beside the others: fn is the timed call, rate turns its
+    (torch.compile compiles there); peak: measure the extra memory of the first call; rate and params:
+    this implementation's own, where they differ from the case's (Adam's bytes per parameter)."""
+    fn: Callable[[], object]
+    impl: str
+    note: str = ""
+    first_call: bool = False
+    peak: bool = True
+    rate: Optional[Callable[[float], tuple[float, str, float]]] = None
+    params: Optional[dict] = None
+
+
+def measure_rows(ctx: Context, impls: list[Impl], *, op: str, case: str, params: dict,
+                 rate: Callable[[float], tuple[float, str, float]], unit: str) -> list[Row]:
+    """Measure the implementations of one case side by side, the suite's way, and make their rows (rate
+    turns a median time into (rate, unit, fraction of the limit)).
+
+    Each is warmed up in turn (its first call gives the peak memory; a second warm-up follows when a call is
+    cheap next to the budget). Then they are timed in interleaved rounds, one call of each per round, so a
+    change in the machine's load (other tenants of a shared host, clock changes) falls on all of them alike
+    and the ratios between them hold even when the absolute times drift. Each keeps going until it has
+    ctx.reps timed calls and ctx.min_time_s of them, or until it has spent ctx.budget_s: at least one, so a
+    pathologically slow peer is timed once and does not eat the run. An error (a peer that does not compile
+    here, out of memory) gives a row without numbers whose note says why, and the others go on."""
     device = ctx.device
-    try:
-        if first_call:
-            fn()
-            sync(device)
-        m = measure(fn, device, reps=ctx.reps, min_time_s=ctx.min_time_s, budget_s=ctx.budget_s, peak=peak)
-    except Exception as e:  # noqa: BLE001 - reported in the row, not fatal
+    rows: list[Optional[Row]] = [None] * len(impls)
+    peaks: list[Optional[float]] = [None] * len(impls)
+    times: list[list[float]] = [[] for _ in impls]
+
+    def fail(i: int, e: BaseException) -> None:
         if not isinstance(e, torch.cuda.OutOfMemoryError) and "out of memory" not in str(e):
             ctx.log(traceback.format_exc(limit=3).rstrip())
-        ctx.log(f"{op} {case} {impl}: failed: {_short_error(e)}")
+        ctx.log(f"{op} {case} {impls[i].impl}: failed: {_short_error(e)}")
         free_memory(device)
-        return skipped_row(op=op, case=case, impl=impl, device=device.type, unit=unit, params=params,
-                           note=f"failed: {_short_error(e)}")
-    metric, unit, fraction = rate(m.ms)
-    if m.reps < 3 and not ctx.quick:
-        note = "; ".join(n for n in (note, f"{m.reps} timed run{'s' if m.reps > 1 else ''} (slow)") if n)
-    return Row(op=op, case=case, impl=impl, device=device.type, ms=m.ms, metric=metric, unit=unit,
-               fraction=fraction, peak_mib=m.peak_mib, reps=m.reps, note=note, params=params)
+        rows[i] = skipped_row(op=op, case=case, impl=impls[i].impl, device=device.type, unit=unit,
+                              params=impls[i].params or params, note=f"failed: {_short_error(e)}")
+
+    for i, im in enumerate(impls):
+        try:
+            if im.first_call:
+                im.fn()
+                sync(device)
+            t0 = time.perf_counter()
+            if im.peak:
+                peaks[i] = peak_memory_mib(im.fn, device)
+            else:
+                im.fn()
+            sync(device)
+            if (time.perf_counter() - t0) * 4 < ctx.budget_s:
+                im.fn()
+                sync(device)
+        except Exception as e:  # noqa: BLE001 - reported in the row, not fatal
+            fail(i, e)
+
+    spent = [0.0] * len(impls)
+    active = [i for i in range(len(impls)) if rows[i] is None]
+    while active:
+        for i in list(active):
+            try:
+                ms = _time_once_ms(impls[i].fn, device)
+            except Exception as e:  # noqa: BLE001
+                fail(i, e)
+                active.remove(i)
+                continue
+            times[i].append(ms)
+            spent[i] += ms * 1e-3
+            if (len(times[i]) >= ctx.reps and spent[i] >= ctx.min_time_s) or spent[i] >= ctx.budget_s:
+                active.remove(i)
+
+    for i, im in enumerate(impls):
+        if rows[i] is not None:
+            continue
+        ms = statistics.median(times[i])
+        metric, unit_i, fraction = (im.rate or rate)(ms)
+        note = im.note
+        if len(times[i]) < 3 and not ctx.quick:
+            note = "; ".join(n for n in (note, f"{len(times[i])} timed run{'s' if len(times[i]) > 1 else ''} (slow)") if n)
+        rows[i] = Row(op=op, case=case, impl=im.impl, device=device.type, ms=ms, metric=metric, unit=unit_i,
+                      fraction=fraction, peak_mib=peaks[i], reps=len(times[i]), note=note,
+                      params=im.params or params)
+    return rows  # type: ignore[return-value]
 
 
 def skipped_row(*, op: str, case: str, impl: str, device: str, unit: str, params: dict, note: str) -> Row:
