@@ -134,27 +134,6 @@ inline vint iota_int() {
   return v;
 }
 
-// 2^y for the softmax, where y <= ~0 or -inf (scores in log2 units minus their running max or the lse):
-// y = n + r with n = round(y) by the 1.5·2^23 trick (whose bits also hold n, ready to become the exponent),
-// 2^r on [-1/2, 1/2] by a degree-6 polynomial fitted for relative error (~1.6 ulp), 2^n added into the
-// exponent field. y < -126 gives exactly 0 (masked scores contribute nothing); NaN stays NaN. Leaner than
-// vec.h's vexp (no clamping, subnormal or overflow handling, which these inputs never need): the softmax
-// is the part of attention that is not a matmul.
-inline vfloat exp2_softmax(vfloat y) {
-  const float magic = 12582912.0f;  // 1.5 · 2^23
-  const vfloat kn = y + magic;
-  const vfloat r = y - (kn - magic);
-  vfloat p = vbroadcast(1.5084314509294927e-4f);
-  p = p * r + 1.339555368758738e-3f;
-  p = p * r + 9.61942970752716e-3f;
-  p = p * r + 5.5503420531749725e-2f;
-  p = p * r + 2.402263879776001e-1f;
-  p = p * r + 6.931471824645996e-1f;
-  p = p * r + 1.0f;
-  const vfloat result = as_float(as_uint(p) + (as_uint(kn) << 23));
-  return y < -126.0f ? vbroadcast(0.0f) : result;
-}
-
 constexpr float kLog2e = 1.44269504088896341f;
 constexpr float kLn2 = 0.693147180559945309f;
 
@@ -582,18 +561,18 @@ void forward_task(const AttentionForwardParams& p, const FwdTask& task, FwdScrat
         for (; jj < cols; ++jj) m0 = vmax(load(col + jj * Brp), m0);
         const vfloat mx = vmax(vmax(m0, m1), vmax(m2, m3));
         const vfloat m_safe = mx == -kInf ? vbroadcast(0.0f) : mx;
-        const vfloat a = exp2_softmax(m_old - m_safe);
+        const vfloat a = vexp2_lean<true>(m_old - m_safe);
         vfloat s0 = vbroadcast(0.0f), s1 = vbroadcast(0.0f);
         for (jj = 0; jj + 2 <= cols; jj += 2) {
-          const vfloat e0 = exp2_softmax(load(col + jj * Brp) - m_safe);
-          const vfloat e1 = exp2_softmax(load(col + (jj + 1) * Brp) - m_safe);
+          const vfloat e0 = vexp2_lean<true>(load(col + jj * Brp) - m_safe);
+          const vfloat e1 = vexp2_lean<true>(load(col + (jj + 1) * Brp) - m_safe);
           store(ST + jj * Brp + c, e0);
           store(ST + (jj + 1) * Brp + c, e1);
           s0 += e0;
           s1 += e1;
         }
         if (jj < cols) {
-          const vfloat e0 = exp2_softmax(load(col + jj * Brp) - m_safe);
+          const vfloat e0 = vexp2_lean<true>(load(col + jj * Brp) - m_safe);
           store(ST + jj * Brp + c, e0);
           s0 += e0;
         }
@@ -761,11 +740,11 @@ void backward_task(const AttentionBackwardParams& bp, const BwdTask& task, const
           for (int64_t ii = 0; ii < rows; ++ii) {
             const vfloat ls = vbroadcast(lse_row[ii]);
             float* srow = S + ii * Bcp;
-            for (int64_t c = 0; c < Bcp; c += kLanes) store(srow + c, exp2_softmax(load(srow + c) - ls));
+            for (int64_t c = 0; c < Bcp; c += kLanes) store(srow + c, vexp2_lean<true>(load(srow + c) - ls));
           }
         } else {
           gemm(rows, Bcp, E, Qb, ldq, 1, KT, Bcp, S, Bcp, nullptr, false, [&](int64_t r, int64_t, vfloat acc) {
-            return exp2_softmax(acc * to_log2 - vbroadcast(lse_row[r]));
+            return vexp2_lean<true>(acc * to_log2 - vbroadcast(lse_row[r]));
           });
         }
         const float* Pd = S;

@@ -13,7 +13,7 @@
 // The backward recomputes p = exp(y - lse) in one pass (one read, one write). f64 (for gradcheck) takes a
 // plain scalar path with libm.
 //
-// Limits: classes < 2^31 per row (rows and row strides are 64-bit). The exp (exp2_lean) is good to 2e-7
+// Limits: classes < 2^31 per row (rows and row strides are 64-bit). The exp (vec.h's vexp2_lean) is good to 2e-7
 // relative for fp32 logits (3e-6 for 16-bit ones); it returns 0 below e^-88 (true values are subnormal).
 // Reference: Milakov & Gimelshein, "Online normalizer calculation for softmax", arXiv:1805.02867.
 #include <algorithm>
@@ -44,39 +44,10 @@ constexpr int64_t kStreamBytes = int64_t{16} << 20;
 
 constexpr float kLog2e = 1.44269504088896341f;
 
-// 2^t: t = n + f with n = round(t) and |f| <= 1/2 (rounding by adding 1.5·2^23, which leaves n in the low
-// mantissa bits), 2^f by a polynomial fitted here for relative error over |f| <= 1/2, 2^n built in the
-// exponent bits. Degree 5 (relative error 1e-7 in exact arithmetic, 2e-7 evaluated in fp32) for fp32 logits;
-// degree 4 (3e-6) for bf16/fp16 ones, far below their own rounding (2^-9, 2^-12), one FMA less. t is first
-// clamped to >= -127, whose exponent field 0 makes the result exactly 0: -inf gives 0 (masked classes get
-// exactly zero probability) and so does anything below -127 (true values there are subnormal). NaN stays
-// NaN; t >= 128 gives +inf.
-template <bool kWide>
-inline vfloat exp2_lean(vfloat t) {
-  t = vmax(vbroadcast(-127.0f), t);  // NaN passes through
-  const vfloat magic = vbroadcast(12582912.0f);
-  const vfloat k = t + magic;
-  const vfloat f = t - (k - magic);
-  // Estrin's scheme (a dependent chain of three FMAs instead of five).
-  const vfloat f2 = f * f;
-  vfloat p;
-  if constexpr (kWide) {
-    const vfloat hi = (vbroadcast(1.3308824272826314e-3f) * f + 9.671516716480255e-3f) * f2 +
-                      (vbroadcast(5.550582334399223e-2f) * f + 2.4022242426872253e-1f);
-    p = hi * f2 + (vbroadcast(6.931470632553101e-1f) * f + 1.0f);
-  } else {
-    const vfloat hi = vbroadcast(9.585633873939514e-3f) * f2 +
-                      (vbroadcast(5.590590462088585e-2f) * f + 2.402404099702835e-1f);
-    p = hi * f2 + (vbroadcast(6.931242942810059e-1f) * f + 1.0f);
-  }
-  const vuint bits = (as_uint(k) + (127u - 0x4B400000u)) << 23;  // 0x4B400000: the bits of `magic`
-  return p * as_float(bits);
-}
-
 // e^(x - ref) for x <= ref (or NaN), to the precision logits of type T deserve.
 template <class T>
 inline vfloat exp_shifted(vfloat x, float ref) {
-  return exp2_lean<std::is_same<T, float>::value>((x - ref) * kLog2e);
+  return vexp2_lean<std::is_same<T, float>::value>((x - ref) * kLog2e);
 }
 
 inline vint lane_index() {
