@@ -34,13 +34,18 @@ def test_measure_rows_interleaves_the_implementations():
     rows = harness.measure_rows(ctx, impls, op="t", case="c", params={}, rate=_rate, unit="GB/s")
     assert [r.impl for r in rows] == ["a", "b", "c"]
     assert all(r.reps == 4 and r.ms is not None and r.ms >= 0 for r in rows)
-    # Warm-ups one after another (two each: the calls are cheap), then rounds of one call of each.
+    # Warm-ups one after another (two each: the calls are cheap), then rounds with one timed call of each,
+    # each right after an untimed one of its own.
     assert calls[:6] == ["a", "a", "b", "b", "c", "c"]
-    assert calls[6:] == ["a", "b", "c"] * 4
+    assert calls[6:] == ["a", "a", "b", "b", "c", "c"] * 4
 
 
 def test_measure_rows_budget_failures_and_own_rates():
+    slow_calls = 0
+
     def slow():
+        nonlocal slow_calls
+        slow_calls += 1
         time.sleep(0.03)
 
     def broken():
@@ -53,7 +58,8 @@ def test_measure_rows_budget_failures_and_own_rates():
     ctx = _context(reps=5, min_time_s=0.0, budget_s=0.05)
     slow_row, broken_row, fast_row = harness.measure_rows(ctx, impls, op="t", case="c", params={"case": 1},
                                                           rate=_rate, unit="GB/s")
-    assert 1 <= slow_row.reps < 5 and slow_row.ms >= 30  # stopped by its budget, at least one timed call
+    # Stopped by its budget, after at least one timed call (and none untimed: it is not cheap).
+    assert 1 <= slow_row.reps < 5 and slow_row.ms >= 30 and slow_calls == 1 + slow_row.reps
     assert broken_row.ms is None and "RuntimeError: does not compile here" in broken_row.note
     assert fast_row.reps == 5 and fast_row.metric == 2.0 and fast_row.fraction == 0.25
     assert fast_row.params == {"own": 1} and slow_row.params == {"case": 1}
