@@ -139,7 +139,8 @@ def markdown_summary(rows, machine, limits, command, elapsed_s, modules, pngs, o
         "`torch.optim.Adam(fused=True)` for Adam; *vs best peer*: the same against the fastest peer of the "
         "case. *% of limit*: the rate over the machine's measured limit (copy bandwidth for cross-entropy, triad "
         "for Adam, matmul FLOP/s for attention and linear cross-entropy). *peak MiB*: extra memory at the peak "
-        "of one call. Times are medians of warmed-up runs.",
+        "of one call. Times are medians of warmed-up runs; the implementations of a case are timed in "
+        "interleaved rounds.",
     ]
     for op, mod in modules.items():
         op_rows = [r for r in rows if r.op == op]
