@@ -478,9 +478,9 @@ def measure_rows(ctx: Context, impls: list[Impl], *, op: str, case: str, params:
             continue
         ms = statistics.median(times[i])
         metric, unit_i, fraction = (im.rate or rate)(ms)
-        note = im.note
-        if len(times[i]) < 3 and not ctx.quick:
-            note = "; ".join(n for n in (note, f"{len(times[i])} timed run{'s' if len(times[i]) > 1 else ''} (slow)") if n)
+        note, reps = im.note, len(times[i])
+        if reps < 3 and not ctx.quick:
+            note = "; ".join(n for n in (note, f"{reps} timed run{'s' if reps > 1 else ''} (slow)") if n)
         rows[i] = Row(op=op, case=case, impl=im.impl, device=device.type, ms=ms, metric=metric, unit=unit_i,
                       fraction=fraction, peak_mib=peaks[i], reps=len(times[i]), note=note,
                       params=im.params or params)
