@@ -97,7 +97,6 @@ def run_case(ctx, case: Case) -> list[harness.Row]:
              for impl, make, bytes_per_param, note in _impls(device)]
     rows = harness.measure_rows(ctx, impls, op=OP, case=case.label, params=params_common, unit="GB/s",
                                 rate=impls[0].rate)
-    del impls
-    del params
+    del impls, params
     harness.free_memory(device)
     return rows

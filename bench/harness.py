@@ -395,9 +395,10 @@ def flop_rate(flops: float, limit_tflops: float, device: torch.device) -> Callab
 
 @dataclasses.dataclass
 class Impl:
-    """One implementation of a case, to be measured beside the others: fn is the timed call, rate turns its
-    (torch.compile compiles there); peak: measure the extra memory of the first call; rate and params:
-    this implementation's own, where they differ from the case's (Adam's bytes per parameter)."""
+    """One implementation of a case, to be measured beside the others: fn is the timed call; first_call:
+    call fn once before the measurement (torch.compile compiles there); peak: measure the extra memory of
+    the first call; rate and params: this implementation's own, where they differ from the case's (Adam's
+    bytes per parameter)."""
     fn: Callable[[], object]
     impl: str
     note: str = ""
@@ -426,7 +427,10 @@ def measure_rows(ctx: Context, impls: list[Impl], *, op: str, case: str, params:
     rows: list[Optional[Row]] = [None] * len(impls)
     peaks: list[Optional[float]] = [None] * len(impls)
     times: list[list[float]] = [[] for _ in impls]
-    cheap = [False] * len(impls)
+    cheap = [False] * len(impls)  # whether its last call took under a quarter of the budget
+
+    def is_cheap(seconds: float) -> bool:
+        return seconds * 4 < ctx.budget_s
 
     def fail(i: int, e: BaseException) -> None:
         if not isinstance(e, torch.cuda.OutOfMemoryError) and "out of memory" not in str(e):
@@ -447,7 +451,7 @@ def measure_rows(ctx: Context, impls: list[Impl], *, op: str, case: str, params:
             else:
                 im.fn()
             sync(device)
-            cheap[i] = (time.perf_counter() - t0) * 4 < ctx.budget_s
+            cheap[i] = is_cheap(time.perf_counter() - t0)
             if cheap[i]:
                 im.fn()
                 sync(device)
@@ -463,7 +467,7 @@ def measure_rows(ctx: Context, impls: list[Impl], *, op: str, case: str, params:
                     impls[i].fn()  # back to back with the timed call, as in a loop over it
                     sync(device)
                 ms = _time_once_ms(impls[i].fn, device)
-                cheap[i] = ms * 4e-3 < ctx.budget_s
+                cheap[i] = is_cheap(ms * 1e-3)
             except Exception as e:  # noqa: BLE001
                 fail(i, e)
                 active.remove(i)
@@ -482,7 +486,7 @@ def measure_rows(ctx: Context, impls: list[Impl], *, op: str, case: str, params:
         if reps < 3 and not ctx.quick:
             note = "; ".join(n for n in (note, f"{reps} timed run{'s' if reps > 1 else ''} (slow)") if n)
         rows[i] = Row(op=op, case=case, impl=im.impl, device=device.type, ms=ms, metric=metric, unit=unit_i,
-                      fraction=fraction, peak_mib=peaks[i], reps=len(times[i]), note=note,
+                      fraction=fraction, peak_mib=peaks[i], reps=reps, note=note,
                       params=im.params or params)
     return rows  # type: ignore[return-value]
 
