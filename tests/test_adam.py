@@ -738,3 +738,34 @@ def test_cuda_graph_capture(backend, device):
     torch.cuda.synchronize()
     for a, b in zip(eager_p, graph_p):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", [p for p in backend_params(cpu=False, emulated=False)] or
+                         [pytest.param("cuda", marks=pytest.mark.skip(reason="no GPU"))], indirect=True)
+def test_cuda_graph_capture_rejects_host_values(backend, device):
+    """A float grad_scale (a host tensor each step) cannot be captured: a clear error, not a capture failure."""
+    params = make_params(SIZES, device)
+    opt = FusedAdam(params, lr=torch.tensor(1e-2, device=device), capturable=True)
+    for p in params:
+        p.grad = random_grad(p, 1.0)
+    opt.step()
+    opt.grad_scale = 1024.0
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError, match="grad_scale must be a tensor on cuda"):
+        with torch.cuda.graph(graph):
+            opt.step()
+
+
+def test_capture_rejects_gpu_betas(monkeypatch):
+    """Tensor betas off the CPU are read on the host each step; under capture that is a clear error. (Runs
+    without a GPU: the capture state is faked, and meta tensors stand in for device betas.)"""
+    params = make_params(SIZES[:2], "cpu")
+    opt = FusedAdam(params, lr=1e-3, betas=(torch.tensor(0.9), torch.tensor(0.999)), capturable=True)
+    opt.param_groups[0]["betas"] = (torch.tensor(0.9, device="meta"), torch.tensor(0.999, device="meta"))
+    for p in params:
+        p.grad = random_grad(p, 1.0)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    monkeypatch.setattr(opt, "_accelerator_graph_capture_health_check", lambda: None)
+    with pytest.raises(RuntimeError, match="betas on the GPU"):
+        opt.step()

@@ -254,6 +254,17 @@ def test_dropout_default_generator(backend, device):
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
+def test_dropout_refused_under_graph_capture(monkeypatch):
+    """The dropout key is a kernel argument, so a captured graph would replay one mask forever: refused with
+    a clear error (the capture state is faked here; the check runs before any kernel)."""
+    q, k, v = qkv(1, 2, 2, 16, 16, 16, device="cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    with pytest.raises(RuntimeError, match="cannot be captured in a CUDA graph"):
+        fusedops.attention(q, k, v, dropout_p=0.5)
+    fusedops.attention(q, k, v, dropout_p=0.0)  # no dropout: nothing to refuse
+
+
 def test_strided_inputs(backend, device):
     """(B, S, H, D) tensors transposed to (B, H, S, D) (no copy needed), a slice of a wider tensor, an
     expanded (stride-0) batch, and a last dim that is not contiguous (copied by the binding)."""

@@ -58,8 +58,8 @@ CrossEntropyParams prepare(const char* op, Backend b, Keep& keep, const at::Tens
   check_device(b, logits, op, "logits");
   const int64_t rows = logits.size(0), classes = logits.size(1);
   TORCH_CHECK_VALUE(classes >= 1, op, ": logits must have at least one class, got shape ", logits.sizes());
-  TORCH_CHECK_VALUE(classes <= std::numeric_limits<int32_t>::max(), op, ": at most 2^31 - 1 classes per row, got ",
-                    classes);
+  // 2^30, not 2^31 - 1: the CUDA kernels step 32-bit class indices by up to a block's width past the end.
+  TORCH_CHECK_VALUE(classes <= (int64_t{1} << 30), op, ": at most 2^30 classes per row, got ", classes);
   const bool unit_stride = classes == 1 || logits.stride(1) == 1;
   const bool rows_apart = rows <= 1 || logits.stride(0) >= classes;
   if (writable) {

@@ -13,8 +13,9 @@
 // The backward recomputes p = exp(y - lse) in one pass (one read, one write). f64 (for gradcheck) takes a
 // plain scalar path with libm.
 //
-// Limits: classes < 2^31 per row (rows and row strides are 64-bit). The exp (vec.h's vexp2_lean) is good to
-// 2e-7 relative for fp32 logits (3e-6 for 16-bit ones); it returns 0 below e^-88 (true values are subnormal).
+// Limits: classes <= 2^30 per row, the binding's limit (rows and row strides are 64-bit). The exp (vec.h's
+// vexp2_lean) is good to 2e-7 relative for fp32 logits (3e-6 for 16-bit ones); it returns 0 below e^-88
+// (true values are subnormal).
 // Reference: Milakov & Gimelshein, "Online normalizer calculation for softmax", arXiv:1805.02867.
 #include <algorithm>
 #include <cmath>

@@ -1,15 +1,15 @@
 // Fused Adam / AdamW, CUDA: one launch updates every tensor of a dtype group (semantics in adam.h).
 //
 // Algorithm. The host packs the tensors' addresses, sizes and step-counter addresses into the kernel's
-// parameters (AdamTensorList: up to 32764 bytes, which CUDA >= 12.1 allows on sm_70+), so a launch needs no
-// copy to the device and no host synchronization. The tensors are cut into chunks of kChunk elements,
-// numbered consecutively across tensors; a grid of a few blocks per SM walks the chunks grid-stride, so a
-// launch takes any number of chunks (no per-block table as in ATen's multi_tensor_apply) and each block
-// finds its tensor by walking the chunk prefix sums forward. A thread updates 4 consecutive elements at a
-// time: one 16-byte (fp32) or 8-byte (16-bit) load and store per array when the tensor's arrays are
-// aligned, element by element otherwise and in the tail. The bias corrections are computed in the kernel
-// from the step counter (and lr, if given as a tensor) in device memory, so with capturable=True the launch
-// can be captured in a CUDA graph and replayed.
+// parameters (AdamTensorList: up to 32764 bytes, which CUDA >= 12.1 allows on sm_70+; 16 tensors a launch
+// under an older driver), so a launch needs no copy to the device and no host synchronization. The tensors
+// are cut into chunks of kChunk elements, numbered consecutively across tensors; a grid of a few blocks per
+// SM walks the chunks grid-stride, so a launch takes any number of chunks (no per-block table as in ATen's
+// multi_tensor_apply) and each block finds its tensor by walking the chunk prefix sums forward. A thread
+// updates 4 consecutive elements at a time: one 16-byte (fp32) or 8-byte (16-bit) load and store per array
+// when the tensor's arrays are aligned, element by element otherwise and in the tail. The bias corrections
+// are computed in the kernel from the step counter (and lr, if given as a tensor) in device memory, so with
+// capturable=True the launch can be captured in a CUDA graph and replayed.
 //
 // Step counters. Every block reads them, so they may be advanced only after the last read: each block, when
 // done, takes a ticket from a counter in device memory; the block with the last ticket advances the
@@ -288,10 +288,24 @@ void adam_launch_lists(const AdamConfig& cfg, const AdamTensor* tensors, int64_t
   }
 }
 
+// Kernel parameters beyond 4 KiB need a driver of CUDA 12.1 or newer too (a 12.x runtime may run on an
+// older driver under minor-version compatibility); with an older one, launches take the short list.
+inline bool large_kernel_params() {
+#if FUSEDOPS_EMULATED
+  return true;
+#else
+  static const bool ok = [] {
+    int version = 0;
+    return cudaDriverGetVersion(&version) == cudaSuccess && version >= 12010;
+  }();
+  return ok;
+#endif
+}
+
 template <class P, class S, bool kAmsgrad, AdamParamRounding kRounding>
 void adam_launch(const AdamConfig& cfg, const AdamTensor* tensors, int64_t count, unsigned* ticket,
                  cudaStream_t stream) {
-  if (count <= kSmallList) {
+  if (count <= kSmallList || !large_kernel_params()) {
     adam_launch_lists<P, S, kAmsgrad, kRounding, kSmallList>(cfg, tensors, count, ticket, stream);
   } else {
     adam_launch_lists<P, S, kAmsgrad, kRounding, kLargeList>(cfg, tensors, count, ticket, stream);

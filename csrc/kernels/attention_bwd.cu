@@ -43,11 +43,13 @@ __global__ void FUSEDOPS_LAUNCH_BOUNDS(128) attention_backward_delta_kernel(cons
   }
   sum += __shfl_xor_sync(kFullMask, sum, 1);
   sum += __shfl_xor_sync(kFullMask, sum, 2);
-  if (quarter == 0 && row < seq.len_q) a.delta[(static_cast<int64_t>(b) * a.heads_q + h) * a.len_q + row] = sum;
+  if (quarter == 0 && row < seq.len_q) *row_pointer<float>(a.delta, a.lse_stride, b, h, seq.q_row0 + row) = sum;
 }
 
+// delta has the lse's layout, (B, Hq, L) or for varlen (Hq, total rows): sized by the rows that exist, not
+// by batch × the bound on a sequence's length. `row` counts within the packed tensor (q_row0 included).
 FUSEDOPS_DEVICE float delta_of(const KernelArgs& a, int b, int h, int64_t row) {
-  return a.delta[(static_cast<int64_t>(b) * a.heads_q + h) * a.len_q + row];
+  return *row_pointer<const float>(a.delta, a.lse_stride, b, h, row);
 }
 
 // ---- 2. dK, dV ---------------------------------------------------------------------------------------------
@@ -131,7 +133,7 @@ __global__ void FUSEDOPS_LAUNCH_BOUNDS(BackwardKVTraits<T, kDim>::kThreads, 1) a
     for (int r = tid; r < kBlockM; r += kThreads) {
       const bool valid = r < rows;
       sLse[stage * kBlockM + r] = valid ? *row_pointer<const float>(a.lse, a.lse_stride, b, h, seq.q_row0 + m0 + r) : INFINITY;
-      sDelta[stage * kBlockM + r] = valid ? delta_of(a, b, h, m0 + r) : 0.0f;
+      sDelta[stage * kBlockM + r] = valid ? delta_of(a, b, h, seq.q_row0 + m0 + r) : 0.0f;
     }
     if (a.mask_kind != 0) {
       load_mask_tile<kBlockM, kBlockN, Tr::kMaskPitch, kThreads>(sMask + stage * kBlockM * Tr::kMaskPitch,
@@ -328,7 +330,7 @@ __global__ void FUSEDOPS_LAUNCH_BOUNDS(BackwardQTraits<T, kDim>::kThreads, 1) at
   for (int r = 0; r < 2; ++r) {
     const bool valid = row_i[r] < seq.len_q;
     lse_log2[r] = valid ? *row_pointer<const float>(a.lse, a.lse_stride, b, h, seq.q_row0 + row_i[r]) * kLog2e : INFINITY;
-    delta[r] = valid ? delta_of(a, b, h, row_i[r]) : 0.0f;
+    delta[r] = valid ? delta_of(a, b, h, seq.q_row0 + row_i[r]) : 0.0f;
   }
 
   float acc_dq[kOT][4];
@@ -419,7 +421,9 @@ KernelArgs backward_args(const AttentionBackwardParams& p) {
 }  // namespace attn
 
 size_t attention_backward_workspace_bytes(const AttentionBackwardParams& p) {
-  return static_cast<size_t>(p.fwd.batch * p.fwd.heads_q * p.fwd.len_q) * sizeof(float);
+  // delta, laid out as the lse (whose strides the caller sets: for varlen, lse_stride[1] is the total rows).
+  const int64_t rows = p.fwd.cu_seqlens_q != nullptr ? p.fwd.lse_stride[1] : p.fwd.batch * p.fwd.len_q;
+  return static_cast<size_t>(rows * p.fwd.heads_q) * sizeof(float);
 }
 
 void attention_backward(const AttentionBackwardParams& p, cudaStream_t stream) {
@@ -441,14 +445,14 @@ void attention_backward(const AttentionBackwardParams& p, cudaStream_t stream) {
         using Tr = attn::BackwardKVTraits<T, kDim>;
         const unsigned grid = attn::grid_size((p.fwd.len_kv + Tr::kBlockN - 1) / Tr::kBlockN, p.fwd.heads_kv, p.fwd.batch);
         const size_t smem = Tr::kSmemBytes + (args.mask_kind != 0 ? Tr::kMaskBytes : 0);
-        attn::prepare_smem(attn::attention_backward_dkdv_kernel<T, kDim>, smem);
+        attn::prepare_smem(attn::attention_backward_dkdv_kernel<T, kDim>, smem, "backward (dK, dV)", kDim);
         SIMT_LAUNCH((attn::attention_backward_dkdv_kernel<T, kDim>), grid, Tr::kThreads, smem, stream, args);
       }
       if (p.fwd.len_q > 0 && p.fwd.heads_q > 0) {
         using Tr = attn::BackwardQTraits<T, kDim>;
         const unsigned grid = attn::grid_size((p.fwd.len_q + Tr::kBlockM - 1) / Tr::kBlockM, p.fwd.heads_q, p.fwd.batch);
         const size_t smem = Tr::kSmemBytes + (args.mask_kind != 0 ? Tr::kMaskBytes : 0);
-        attn::prepare_smem(attn::attention_backward_dq_kernel<T, kDim>, smem);
+        attn::prepare_smem(attn::attention_backward_dq_kernel<T, kDim>, smem, "backward (dQ)", kDim);
         SIMT_LAUNCH((attn::attention_backward_dq_kernel<T, kDim>), grid, Tr::kThreads, smem, stream, args);
       }
     });

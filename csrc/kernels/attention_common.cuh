@@ -12,6 +12,8 @@
 
 #include <cmath>
 #include <limits>
+#include <stdexcept>
+#include <string>
 
 #include "../simt/simt.cuh"
 #include "attention.h"
@@ -41,7 +43,7 @@ struct KernelArgs {
   void* dq = nullptr;
   void* dk = nullptr;
   void* dv = nullptr;
-  float* delta = nullptr;  // backward workspace: rowsum(dO ∘ O) per (batch, head, row), len_q rows per head
+  float* delta = nullptr;  // backward workspace: rowsum(dO ∘ O) per (batch, head, row), laid out as the lse
   int64_t q_stride[3] = {}, k_stride[3] = {}, v_stride[3] = {}, o_stride[3] = {}, lse_stride[3] = {};
   int64_t dout_stride[3] = {}, dq_stride[3] = {}, dk_stride[3] = {}, dv_stride[3] = {};
   const int32_t* cu_seqlens_q = nullptr;
@@ -584,9 +586,20 @@ FUSEDOPS_DEVICE BlockCoord block_coord(int tiles, int heads) {
 // sm_80's opt-in limit per block (sm_90 allows 227 KiB).
 constexpr size_t kMaxSmemBytes = 163 * 1024;
 
+// Opts `kernel` into `bytes` of dynamic shared memory, or says clearly that this GPU has too little: the
+// tiles are sized for sm_80/sm_90, and GPUs with 99 KiB per block (sm_86, sm_89, sm_120) cannot run the
+// larger head dims' kernels.
 template <class Kernel>
-void prepare_smem(Kernel kernel, size_t bytes) {
-  if (bytes > 48 * 1024) simt::set_max_dynamic_smem(kernel, bytes);
+void prepare_smem(Kernel kernel, size_t bytes, const char* kernel_name, int head_dim) {
+  if (bytes <= 48 * 1024) return;
+  const size_t limit = simt::max_dynamic_smem();
+  if (bytes > limit)
+    throw std::invalid_argument(std::string("fusedops: the CUDA attention ") + kernel_name + " kernel for head dim " +
+                                std::to_string(head_dim) + " needs " + std::to_string(bytes / 1024) +
+                                " KiB of shared memory per block, and this GPU allows " + std::to_string(limit / 1024) +
+                                " KiB (its tiles are sized for sm_80/sm_90 GPUs); use a smaller head dim here, or the "
+                                "CPU backend");
+  simt::set_max_dynamic_smem(kernel, bytes);
 }
 
 }  // namespace fusedops::FUSEDOPS_BACKEND::attn

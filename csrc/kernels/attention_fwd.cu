@@ -234,7 +234,7 @@ void attention_forward(const AttentionForwardParams& p, cudaStream_t stream) {
       using Tr = attn::ForwardTraits<T, kDim>;
       const unsigned grid = attn::grid_size((p.len_q + Tr::kBlockM - 1) / Tr::kBlockM, p.heads_q, p.batch);
       const size_t smem = Tr::kSmemBytes + (args.mask_kind != 0 ? Tr::kMaskBytes : 0);
-      attn::prepare_smem(attn::attention_forward_kernel<T, kDim>, smem);
+      attn::prepare_smem(attn::attention_forward_kernel<T, kDim>, smem, "forward", kDim);
       SIMT_LAUNCH((attn::attention_forward_kernel<T, kDim>), grid, Tr::kThreads, smem, stream, args);
     });
   });

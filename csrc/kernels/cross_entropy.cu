@@ -12,7 +12,7 @@
 // Small prologue/epilogue kernels (one block each, fixed order, so deterministic) compute the mean's
 // denominator and Σ w, and reduce the per-row losses.
 //
-// Limits: fp32/fp16/bf16 logits, fp32 math; classes < 2^31, rows and strides 64-bit; any vocabulary size
+// Limits: fp32/fp16/bf16 logits, fp32 math; classes <= 2^30, rows and strides 64-bit; any vocabulary size
 // (registers do not grow with it). An out-of-range target cannot raise here: its row's loss and gradient
 // are NaN, so a mean over it is NaN.
 // References: Milakov & Gimelshein, "Online normalizer calculation for softmax", arXiv:1805.02867;
@@ -346,6 +346,8 @@ __global__ void XENT_LAUNCH_BOUNDS xent_rows(Args a) {
       const int64_t tl = t - a.class_offset;
       const bool here = valid && tl >= 0 && tl < a.classes;
       const float yt = lane == 0 && here ? softcap(to_float(x[tl]), a) : (valid ? 0.0f : NAN);
+      // A warp's shuffles do not order memory: the read must be complete before any lane writes the row.
+      if constexpr (G == 32) __syncwarp();
       group_max_sum<G>(o.m, o.s, scratch);
       if (a.smooth) o.sw = group_sum<G>(o.sw, scratch);
       const float lse_raw = o.m + logf(o.s);  // -inf when every logit is -inf, NaN when one is NaN

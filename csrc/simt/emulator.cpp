@@ -76,7 +76,6 @@ std::unordered_map<const void*, size_t>& smem_attributes() {
 }
 
 constexpr size_t kDefaultDynamicSmem = 48 * 1024;
-constexpr size_t kMaxDynamicSmem = 227 * 1024;  // sm_90's per-block opt-in limit
 constexpr unsigned kMaxThreadsPerBlock = 1024;
 
 size_t fiber_stack_bytes() {

@@ -91,7 +91,9 @@ void launch(const char* name, void (*kernel)(Params...), dim3 grid, dim3 block, 
 }
 
 // cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes): launches asking
-// for more than 48 KiB of dynamic shared memory fail without it, as they do on the GPU.
+// for more than 48 KiB of dynamic shared memory fail without it, as they do on the GPU. At most
+// kMaxDynamicSmem, sm_90's per-block opt-in limit.
+constexpr size_t kMaxDynamicSmem = 227 * 1024;
 void set_max_dynamic_smem(const void* kernel, size_t bytes);
 
 // Fails the running launch with `message` (a device-side trap).

@@ -328,14 +328,26 @@ inline void set_max_dynamic_smem(Kernel kernel, size_t bytes) {
 }
 // The emulator pretends to have a few SMs, so grids sized from it stay small and still span blocks.
 inline int sm_count() { return 4; }
+inline size_t max_dynamic_smem() { return ::fusedops::simt_emu::kMaxDynamicSmem; }
 inline void memset_async(void* ptr, int value, size_t bytes, cudaStream_t) { std::memset(ptr, value, bytes); }
 #else
 inline void check(cudaError_t e, const char* what) {
-  if (e != cudaSuccess) throw std::runtime_error(std::string(what) + ": " + cudaGetErrorString(e));
+  if (e != cudaSuccess) {
+    (void)cudaGetLastError();  // clear it: left pending, the next launch check (torch's too) would report it
+    throw std::runtime_error(std::string(what) + ": " + cudaGetErrorString(e));
+  }
 }
 inline void check_launch(const char* kernel) {
   cudaError_t e = cudaGetLastError();
   if (e != cudaSuccess) throw std::runtime_error(std::string("CUDA launch of ") + kernel + " failed: " + cudaGetErrorString(e));
+}
+// The most dynamic shared memory a block may opt into on the current device (163 KiB on sm_80, 227 KiB on
+// sm_90, 99 KiB on sm_86/sm_89/sm_120).
+inline size_t max_dynamic_smem() {
+  int device = 0, bytes = 0;
+  check(cudaGetDevice(&device), "cudaGetDevice");
+  check(cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device), "cudaDeviceGetAttribute");
+  return static_cast<size_t>(bytes);
 }
 template <class Kernel>
 inline void set_max_dynamic_smem(Kernel kernel, size_t bytes) {
@@ -462,7 +474,8 @@ FUSEDOPS_DEVICE void cp_async_16(void* smem_dst, const void* gmem_src, bool vali
   ::fusedops::simt_emu::cp_async(smem_dst, gmem_src, 16, valid ? 16 : 0);
 #else
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_address(smem_dst)), "l"(gmem_src),
-               "r"(valid ? 16 : 0));
+               "r"(valid ? 16 : 0)
+               : "memory");
 #endif
 }
 FUSEDOPS_DEVICE void cp_async_commit() {
@@ -478,7 +491,8 @@ FUSEDOPS_DEVICE void cp_async_wait() {
 #if FUSEDOPS_EMULATED
   ::fusedops::simt_emu::cp_async_wait(pending);
 #else
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(pending));
+  // "memory": shared-memory accesses written after the wait must not be moved before it.
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(pending) : "memory");
 #endif
 }
 

@@ -68,6 +68,11 @@ def _zeros_like_param(p: Tensor, dtype: torch.dtype) -> Tensor:
     return torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
 
 
+def _capturing() -> bool:
+    """Whether a CUDA graph is being captured on the current stream."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
 class FusedAdam(torch.optim.Optimizer):
     """torch.optim.Adam with a fused kernel; see the module docstring for the extra options.
 
@@ -359,10 +364,21 @@ class FusedAdam(torch.optim.Optimizer):
         if not per_device:
             return
 
+        capturing = _capturing()
+        if capturing and any(isinstance(b, Tensor) and b.device.type != "cpu" for b in group["betas"]):
+            raise RuntimeError("fusedops.FusedAdam: betas on the GPU are read on the host at every step, which a CUDA "
+                               "graph cannot capture; pass float betas to capture the step")
         beta1, beta2 = (float(b) if isinstance(b, Tensor) else b for b in group["betas"])
         lr = group["lr"]
         for device, (params, grads, exp_avgs, exp_avg_sqs, max_sqs, masters, steps, ids) in per_device.items():
             backend = _backend.resolve("FusedAdam", device)
+            if capturing and device.type == "cuda":
+                # Copies from pageable host memory are not allowed while a graph is being captured.
+                for value, name in ((lr, "lr"), (grad_scale, "grad_scale"), (found_inf, "found_inf")):
+                    if isinstance(value, Tensor) and value.device != device:
+                        raise RuntimeError(f"fusedops.FusedAdam: to capture the step in a CUDA graph, {name} must be a "
+                                           f"tensor on {device} (capturable=True and a tensor lr), got one on "
+                                           f"{value.device}")
             lr_value, lr_tensor = (0.0, lr) if isinstance(lr, Tensor) else (float(lr), None)
             if lr_tensor is not None and (lr_tensor.device != device or lr_tensor.dtype != torch.float32):
                 lr_tensor = lr_tensor.to(device=device, dtype=torch.float32, non_blocking=True)
