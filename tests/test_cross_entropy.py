@@ -165,7 +165,7 @@ def test_extras_match_reference(backend, device, z_loss, softcap, reduction):
         for return_lse in ([False, True] if mode != 1 else [False]):
             xx = x.clone().requires_grad_(True)
             out = fusedops.cross_entropy(xx, t, return_lse=return_lse, _grad_mode=mode, **opts)
-            xr = x.double().requires_grad_(True)
+            xr = x_ref.double().requires_grad_(True)
             ref_loss, ref_lse = reference.cross_entropy(xr, t, **opts)
             if return_lse:
                 loss, lse = out
@@ -491,6 +491,70 @@ def test_op_checks_its_arguments(backend, device):
     with pytest.raises(ValueError, match="written in place"):
         torch.ops.fusedops.cross_entropy_backward_(torch.ones((), device=device), None, x[:, ::2], t, None, lse, -100,
                                                    1, 0.0, 0.0, 0.0, 0, 5, code)
+
+
+# ---- the transposed (columns) layout of the CPU in-place forward ------------------------------------------
+
+def _columns(x: torch.Tensor, pad: int = 0) -> torch.Tensor:
+    """x (rows, classes) as the transpose of a contiguous (classes, rows + pad) buffer (pad: rows of slack
+    that must stay untouched, poisoned with NaN)."""
+    rows, classes = x.shape
+    buf = torch.full((classes, rows + pad), math.nan, dtype=x.dtype)
+    buf[:, :rows] = x.t()
+    return buf[:, :rows].t()
+
+
+@pytest.fixture(params=["base", "avx2", "avx512"])
+def cpu_isa(request):
+    if request.param not in fusedops.build_info()["cpu_isas_available"]:
+        pytest.skip(f"{request.param} does not run here")
+    previous = fusedops.build_info()["cpu_isa"]
+    fusedops.set_cpu_isa(request.param)
+    yield request.param
+    fusedops.set_cpu_isa(previous)
+
+
+@pytest.mark.parametrize("rows, classes", [(2, 2), (13, 17), (37, 33), (300, 50), (9, 1000)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_columns_layout_forward_grad(rows, classes, dtype, cpu_isa, two_threads):
+    """linear_cross_entropy's CPU chunks are (classes, rows) matrices seen transposed: the in-place forward
+    takes them as they are. Against the float64 reference: rows not a multiple of the vector width, more
+    rows than a thread's tile (300), classes not a multiple of the kernel's class chunk, ignored rows (whole
+    vectors of them, and a NaN logit in one), weights, smoothing, z-loss, a grad scale, every reduction."""
+    ops = torch.ops.fusedops
+    x, t = make_inputs(rows, classes, dtype, "cpu", ignore="some")
+    x_ref = x.clone()
+    if rows >= 24:
+        t[8:24] = -100  # two whole AVX2 vectors (one AVX-512 vector) of ignored rows
+        x[9, 0] = math.nan  # ignored: its gradient is 0 all the same (the reference would say NaN)
+    weight = torch.rand(classes) + 0.5
+    for reduction, name in ((0, "none"), (1, "mean"), (2, "sum")):
+        for kw in (dict(), dict(label_smoothing=0.2, z_loss=1e-3)):
+            eps, z = kw.get("label_smoothing", 0.0), kw.get("z_loss", 0.0)
+            cols = _columns(x, pad=3)
+            scale = torch.tensor(0.75)
+            loss, lse = ops.cross_entropy_forward_grad_(cols, t, weight, scale, -100, reduction, eps, z, 0.0, 0)
+            xr = x_ref.double().requires_grad_(True)
+            ref_loss, ref_lse = reference.cross_entropy(xr, t, weight, reduction=name, **kw)
+            (ref_loss.sum() * 0.75).backward()
+            close(loss, ref_loss.detach(), dtype, f"loss ({name}, {kw})")
+            close(lse, ref_lse.detach(), torch.float32, f"lse ({name}, {kw})")
+            close(cols, xr.grad, dtype, f"grad ({name}, {kw})")
+            assert torch.isnan(cols._base[:, rows:]).all(), "the kernel wrote outside the logits"
+
+
+def test_columns_layout_only_where_supported():
+    """The transposed layout is the CPU forward's alone: with a softcap, or on the emulated CUDA kernels, it
+    is refused with the layout named (never read as if rows were contiguous)."""
+    ops = torch.ops.fusedops
+    x, t = make_inputs(8, 20, torch.float32, "cpu")
+    with pytest.raises(ValueError, match="classes must be contiguous"):
+        ops.cross_entropy_forward_grad_(_columns(x), t, None, None, -100, 1, 0.0, 0.0, 2.0, 0)
+    with pytest.raises(ValueError, match="classes must be contiguous"):
+        ops.cross_entropy_forward_grad_(_columns(x).double(), t, None, None, -100, 1, 0.0, 0.0, 0.0, 0)
+    if "cuda-emulated" in fusedops.build_info()["backends"]:
+        with pytest.raises(ValueError, match="classes must be contiguous"):
+            ops.cross_entropy_forward_grad_(_columns(x), t, None, None, -100, 1, 0.0, 0.0, 0.0, 1)
 
 
 # ---- torch.compile and the op registrations --------------------------------------------------------------

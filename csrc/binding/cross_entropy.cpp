@@ -44,11 +44,20 @@ struct Keep {
   at::Tensor logits, target, weight, extra[4];
 };
 
+// The transposed layout the CPU forward's in-place gradient also takes (kernels/cross_entropy.h): rows
+// contiguous, classes `stride(1)` apart, as the transpose of a contiguous (classes, rows) W @ hᵀ.
+bool columns_layout(Backend b, const at::Tensor& logits, double softcap) {
+  return b == Backend::cpu && logits.dim() == 2 && logits.scalar_type() != at::kDouble && softcap == 0.0 &&
+         logits.size(0) > 1 && logits.size(1) > 1 && logits.stride(0) == 1 && logits.stride(1) >= logits.size(0);
+}
+
 // Checks what every entry point shares and fills the params' inputs. `writable`: the logits will be
-// written (in-place gradient), so they must be usable as they are (no copy).
+// written (in-place gradient), so they must be usable as they are (no copy); `columns`: they may be in the
+// transposed layout.
 CrossEntropyParams prepare(const char* op, Backend b, Keep& keep, const at::Tensor& logits, const at::Tensor& target,
                            const std::optional<at::Tensor>& weight, int64_t ignore_index, double label_smoothing,
-                           double z_loss, double softcap, int64_t class_offset, int64_t total_classes, bool writable) {
+                           double z_loss, double softcap, int64_t class_offset, int64_t total_classes, bool writable,
+                           bool columns = false) {
   TORCH_CHECK_VALUE(logits.dim() == 2, op, ": logits must be 2-D (rows, classes), got shape ", logits.sizes());
   if (b == Backend::cpu) {
     check_dtype(logits, op, "logits", {at::kFloat, at::kHalf, at::kBFloat16, at::kDouble});
@@ -62,7 +71,9 @@ CrossEntropyParams prepare(const char* op, Backend b, Keep& keep, const at::Tens
   TORCH_CHECK_VALUE(classes <= (int64_t{1} << 30), op, ": at most 2^30 classes per row, got ", classes);
   const bool unit_stride = classes == 1 || logits.stride(1) == 1;
   const bool rows_apart = rows <= 1 || logits.stride(0) >= classes;
-  if (writable) {
+  if (writable && columns) {
+    keep.logits = logits;
+  } else if (writable) {
     TORCH_CHECK_VALUE(unit_stride && rows_apart, op,
                       ": logits are written in place, so their classes must be contiguous and rows must not overlap "
                       "(got strides ",
@@ -107,6 +118,7 @@ CrossEntropyParams prepare(const char* op, Backend b, Keep& keep, const at::Tens
   p.rows = rows;
   p.classes = classes;
   p.ld = rows <= 1 ? classes : keep.logits.stride(0);
+  if (writable && columns) p.class_stride = keep.logits.stride(1);
   p.class_offset = class_offset;
   p.total_classes = total_classes;
   p.target = keep.target.data_ptr<int64_t>();
@@ -235,8 +247,9 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_forward_grad_(
     double z_loss, double softcap, int64_t backend) {
   const Backend b = to_backend(backend, kFwdGrad);
   Keep keep;
+  const bool columns = columns_layout(b, logits, softcap);
   CrossEntropyParams p = prepare(kFwdGrad, b, keep, logits, target, weight, ignore_index, label_smoothing, z_loss,
-                                 softcap, 0, -1, true);
+                                 softcap, 0, -1, true, columns);
   return forward_into(kFwdGrad, b, p, keep, logits, grad_scale, to_reduction(reduction, kFwdGrad));
 }
 

@@ -497,6 +497,145 @@ void forward_vec(const CrossEntropyParams& p) {
   }
 }
 
+// ---- the transposed layout: logit (row r, class c) at x[c * class_stride + r] ----------------------------
+// linear_cross_entropy's chunk of logits computed as W @ hᵀ (MKL's faster orientation on the CPU here),
+// gradient written in place. Lanes hold rows: per row a running max and sum, updated kColChunk classes at a
+// time (a max pass, then the exps relative to it from L1: one exp per logit, plus one per row and chunk);
+// then a second read of the logits writes the gradient over them. Rows are split over threads in tiles of
+// kTileVecs vectors, so a chunk's classes × a tile's rows stay in L1.
+constexpr int kColChunk = 16;
+constexpr int kTileVecs = 32;
+
+inline vfloat exp_minus(vfloat x, vfloat ref) { return vexp2_lean<true>((x - ref) * kLog2e); }
+
+template <class T>
+inline vfloat load_rows(const T* p, int n, float fill) {
+  return n >= kLanes ? load(p) : load_partial(p, n, fill);
+}
+
+template <class T>
+void forward_columns(const CrossEntropyParams& p) {
+  const Problem<float> pr(p);
+  T* x = static_cast<T*>(const_cast<void*>(p.logits));  // the gradient is written over it
+  auto* loss = static_cast<float*>(p.loss);
+  auto* lse_out = static_cast<float*>(p.lse);
+  const int64_t R = p.rows, V = p.classes, cs = p.class_stride;
+  const float gscale = (p.grad_scale ? *static_cast<const float*>(p.grad_scale) : 1.0f) * pr.reduction_scale();
+  const bool smooth = pr.eps > 0;
+  const float* w = pr.weight;
+  const int64_t nvec = (R + kLanes - 1) / kLanes;
+  parallel_for(nvec, 1, [&](int64_t vbegin, int64_t vend) {
+    constexpr int kTile = kTileVecs * kLanes;
+    alignas(64) float m[kTile], mnew[kTile], ref[kTile], s[kTile], lse_g[kTile], a[kTile], bs[kTile], keep[kTile];
+    double sm[kTile];
+    for (int64_t v0 = vbegin; v0 < vend; v0 += kTileVecs) {
+      const int64_t r0 = v0 * kLanes;
+      const int rows = static_cast<int>(std::min<int64_t>(std::min<int64_t>(vend - v0, kTileVecs) * kLanes, R - r0));
+      const int nv = (rows + kLanes - 1) / kLanes;
+      auto lanes = [&](int j) { return std::min(kLanes, rows - j * kLanes); };
+      // Vectors whose rows are all ignored cost nothing.
+      bool live[kTileVecs];
+      for (int j = 0; j < nv; ++j) {
+        live[j] = false;
+        for (int l = 0; l < lanes(j); ++l) live[j] |= p.target[r0 + j * kLanes + l] != p.ignore_index;
+      }
+      std::fill(m, m + kTile, -kInf);
+      std::fill(s, s + kTile, 0.0f);
+      std::fill(sm, sm + kTile, 0.0);
+      for (int64_t c0 = 0; c0 < V; c0 += kColChunk) {
+        const int kc = static_cast<int>(std::min<int64_t>(kColChunk, V - c0));
+        const T* xc = x + c0 * cs + r0;
+        for (int j = 0; j < nv; ++j) store(mnew + j * kLanes, load(m + j * kLanes));
+        for (int k = 0; k < kc; ++k)
+          for (int j = 0; j < nv; ++j)
+            if (live[j])
+              store(mnew + j * kLanes,
+                    vmax(load_rows(xc + k * cs + j * kLanes, lanes(j), -kInf), load(mnew + j * kLanes)));
+        for (int j = 0; j < nv; ++j) {
+          if (!live[j]) continue;
+          const vfloat mo = load(m + j * kLanes), mn = load(mnew + j * kLanes);
+          const vfloat rf = mn == -kInf ? vbroadcast(0.0f) : mn;
+          // A row still all -inf keeps its sum as is (0, or NaN from a NaN logit).
+          const vfloat factor = mo == -kInf ? vbroadcast(1.0f) : exp_minus(mo, rf);
+          store(s + j * kLanes, load(s + j * kLanes) * factor);
+          store(ref + j * kLanes, rf);
+          store(m + j * kLanes, mn);
+        }
+        alignas(64) float part[kTile];
+        if (smooth) std::fill(part, part + kTile, 0.0f);
+        for (int k = 0; k < kc; ++k) {
+          const float wc = w != nullptr ? w[c0 + k] : 1.0f;
+          for (int j = 0; j < nv; ++j) {
+            if (!live[j]) continue;
+            const vfloat v = load_rows(xc + k * cs + j * kLanes, lanes(j), 0.0f);
+            store(s + j * kLanes, load(s + j * kLanes) + exp_minus(v, load(ref + j * kLanes)));
+            if (smooth) store(part + j * kLanes, load(part + j * kLanes) + v * wc);
+          }
+        }
+        if (smooth)
+          for (int i = 0; i < rows; ++i) sm[i] += part[i];
+      }
+      // Per row: the loss and lse, and the gradient's coefficients (the target's logit read before the
+      // gradient overwrites it).
+      float g_target[kTile];
+      for (int i = 0; i < rows; ++i) {
+        const int64_t r = r0 + i, t = p.target[r];
+        keep[i] = 0.0f;
+        a[i] = bs[i] = 0.0f;
+        lse_g[i] = 0.0f;
+        if (t == p.ignore_index) {
+          loss[r] = lse_out[r] = 0.0f;
+          continue;
+        }
+        const float rf = m[i] == -kInf ? 0.0f : m[i];
+        const float lse_raw = rf + std::log(s[i]);
+        const float lse = m[i] == -kInf ? kNaN : lse_raw;  // all -inf: 0/0, as torch's log_softmax
+        const float wt = pr.target_weight(t);
+        const float yt = pr.valid(t) ? to_float(x[t * cs + r]) : kNaN;
+        lse_out[r] = lse_raw;
+        loss[r] = pr.loss(lse, wt, yt, static_cast<float>(sm[i]));
+        const GradCoef<float> k = grad_coef(pr, gscale, 0.0f, lse, wt);
+        keep[i] = 1.0f;
+        a[i] = k.a;
+        bs[i] = k.b_smooth;
+        lse_g[i] = lse;
+        // The target's own gradient, as the pass below computes it plus its -b_target, in one rounding.
+        float gt = exp_minus(vbroadcast(yt), vbroadcast(lse))[0] * k.a;
+        if (smooth) gt -= k.b_smooth * (w != nullptr ? w[t] : 1.0f);
+        g_target[i] = gt - k.b_target;
+      }
+      for (int64_t c = 0; c < V; ++c) {
+        T* xc = x + c * cs + r0;
+        const float wc = w != nullptr ? w[c] : 1.0f;
+        for (int j = 0; j < nv; ++j) {
+          const int n = lanes(j);
+          vfloat g = vbroadcast(0.0f);
+          if (live[j]) {
+            g = exp_minus(load_rows(xc + j * kLanes, n, 0.0f), load(lse_g + j * kLanes)) * load(a + j * kLanes);
+            if (smooth) g -= load(bs + j * kLanes) * wc;
+            g = load(keep + j * kLanes) != 0.0f ? g : vbroadcast(0.0f);  // ignored rows: 0, even for NaN logits
+          }
+          if (n == kLanes) {
+            store(xc + j * kLanes, g);
+          } else {
+            store_partial(xc + j * kLanes, g, n);
+          }
+        }
+      }
+      for (int i = 0; i < rows; ++i) {
+        const int64_t r = r0 + i, t = p.target[r];
+        if (keep[i] != 0.0f && pr.valid(t)) x[t * cs + r] = from_float<T>(g_target[i]);
+      }
+    }
+  });
+  if (p.reduced != nullptr) {
+    double sum = 0;
+    for (int64_t r = 0; r < R; ++r) sum += loss[r];
+    *static_cast<float*>(p.reduced) =
+        static_cast<float>(p.reduction == Reduction::mean ? sum / static_cast<double>(pr.denom) : sum);
+  }
+}
+
 template <class T>
 void stats_vec(const CrossEntropyParams& p) {
   const Problem<float> pr(p);
@@ -733,6 +872,14 @@ void backward64(const CrossEntropyParams& p) {
 }  // namespace
 
 void cross_entropy_forward(const CrossEntropyParams& p) {
+  if (p.class_stride != 1) {
+    switch (p.dtype) {
+      case DType::f32: return forward_columns<float>(p);
+      case DType::bf16: return forward_columns<bf16_t>(p);
+      case DType::f16: return forward_columns<fp16_t>(p);
+      case DType::f64: break;  // not taken: the binding keeps f64 in rows
+    }
+  }
   switch (p.dtype) {
     case DType::f32: return forward_vec<float>(p);
     case DType::bf16: return forward_vec<bf16_t>(p);

@@ -23,6 +23,8 @@
 //
 // Layout: logits (rows, classes) with row stride `ld` (elements) and unit class stride; grad likewise with
 // `grad_ld` (it may alias logits: every element is read before it is written, by the same thread).
+// The CPU forward also takes the transposed layout, for its in-place gradient only: ld = 1 and
+// class_stride >= rows (a (classes, rows) matrix, as W @ hᵀ makes it), grad == logits, no softcap.
 // Per-row outputs and weights are in the accumulation type: double for f64 logits, float otherwise.
 #pragma once
 
@@ -41,6 +43,7 @@ struct CrossEntropyParams {
   DType dtype = DType::f32;  // of logits and grad: f32, f16, bf16 (and f64 on the CPU)
   const void* logits = nullptr;
   int64_t rows = 0, classes = 0, ld = 0;
+  int64_t class_stride = 1;   // 1, or the transposed layout (above)
   int64_t class_offset = 0;   // first class held here (0 unless sharded)
   int64_t total_classes = 0;  // C; equals classes unless sharded
   const int64_t* target = nullptr;  // (rows)

@@ -36,7 +36,14 @@ def _chunk_rows(n: int, v: int, element_size: int, chunk_size: Optional[int]) ->
     return max(1, min(rows, max(n, 1)))
 
 
-def _chunk_logits(h: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+def _chunk_logits(h: Tensor, weight: Tensor, bias: Optional[Tensor], columns: bool = False) -> Tensor:
+    """The chunk's (rows, V) logits; `columns`: computed as W @ hᵀ and returned as its transpose (classes
+    rows·1 apart), which the CPU kernel's in-place forward takes: MKL runs that orientation ~15% faster here
+    (W streamed once as the left operand; measured at H=2048, V=128256, 256 rows)."""
+    if columns:
+        if bias is not None:
+            return torch.addmm(bias.to(h.dtype).unsqueeze(1), weight, h.t()).t()
+        return torch.mm(weight, h.t()).t()
     if bias is not None:
         return torch.addmm(bias.to(h.dtype), h, weight.t())
     return torch.mm(h, weight.t())
@@ -81,10 +88,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
             dh = torch.empty_like(hidden) if need_h else None
             dw = torch.zeros_like(weight) if need_w else None
             db = torch.zeros(v, dtype=acc, device=hidden.device) if need_b else None
+        # The transposed chunk layout where the CPU kernel takes it (not float64, no softcap).
+        columns = fused and group is None and backend == _backend.CPU and cap == 0.0 and hidden.dtype != torch.float64
         for i0 in range(0, n, chunk_rows):
             rows = slice(i0, min(n, i0 + chunk_rows))
             h, t = hidden[rows], target[rows]
-            logits = _chunk_logits(h, weight, bias)
+            logits = _chunk_logits(h, weight, bias, columns and h.shape[0] > 1)
             if group is None:
                 if fused:
                     l, lse = _ops().cross_entropy_forward_grad_(logits, t, class_weight, gscale, ignore_index, 0, eps,
