@@ -1,6 +1,7 @@
 // Softmax cross-entropy on the CPU: the forward (per-row loss and logsumexp, and the gradient in the same
-// sweep when autograd will need it), the backward (the gradient from the saved logsumexp) and the
-// per-shard partials of vocabulary-parallel use. Semantics: kernels/cross_entropy.h.
+// sweep when autograd will need it; the in-place one also on transposed logits, forward_columns below), the
+// backward (the gradient from the saved logsumexp) and the per-shard partials of vocabulary-parallel use.
+// Semantics: kernels/cross_entropy.h.
 //
 // Algorithm. Rows are split over threads (fusedops::parallel_for); a row is read from memory once, in
 // chunks of kChunk classes that stay in L1. Each chunk is converted to fp32 (softcap applied) into a small
