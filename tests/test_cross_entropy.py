@@ -165,7 +165,7 @@ def test_extras_match_reference(backend, device, z_loss, softcap, reduction):
         for return_lse in ([False, True] if mode != 1 else [False]):
             xx = x.clone().requires_grad_(True)
             out = fusedops.cross_entropy(xx, t, return_lse=return_lse, _grad_mode=mode, **opts)
-            xr = x_ref.double().requires_grad_(True)
+            xr = x.double().requires_grad_(True)
             ref_loss, ref_lse = reference.cross_entropy(xr, t, **opts)
             if return_lse:
                 loss, lse = out
