@@ -9,6 +9,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import fusedops
 from fusedops import reference
 
+from conftest import backend_params
+
 TOL = {torch.float64: (1e-10, 1e-12), torch.float32: (2e-5, 5e-6), torch.bfloat16: (3e-2, 2e-2)}
 
 
@@ -82,6 +84,19 @@ def test_matches_reference(backend, device, reduction, chunk_size):
         run_both(hidden, weight, bias, target, torch.float32, reduction=reduction, chunk_size=chunk_size, **opts)
         run_both(hidden, weight, None, target, torch.float32, reduction=reduction, chunk_size=chunk_size,
                  return_lse=True, **opts)
+
+
+@pytest.mark.parametrize("backend", backend_params(emulated=False, cuda=False))
+@pytest.mark.parametrize("chunk_size", [511, 512])
+def test_cpu_chunk_layouts(backend, device, chunk_size):
+    """On the CPU a chunk of under 512 rows is computed as W @ hᵀ and its loss taken in that transposed
+    layout; from 512 rows on, as h @ Wᵀ in rows. Both against the reference, with every option the fused
+    path takes and a last chunk shorter than the others."""
+    hidden, weight, bias, target = problem(1100, 8, 37, device)
+    cw = (torch.rand(37) + 0.2).to(device)
+    run_both(hidden, weight, bias, target, torch.float32, chunk_size=chunk_size, class_weight=cw,
+             label_smoothing=0.1, z_loss=1e-3)
+    run_both(hidden, weight, None, target, torch.bfloat16, chunk_size=chunk_size, reduction="sum")
 
 
 def test_dtypes_and_shapes(backend, device):

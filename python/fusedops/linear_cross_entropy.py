@@ -88,8 +88,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
             dh = torch.empty_like(hidden) if need_h else None
             dw = torch.zeros_like(weight) if need_w else None
             db = torch.zeros(v, dtype=acc, device=hidden.device) if need_b else None
-        # The transposed chunk layout where the CPU kernel takes it (not float64, no softcap).
-        columns = fused and group is None and backend == _backend.CPU and cap == 0.0 and hidden.dtype != torch.float64
+        # The transposed chunk layout where the CPU kernel takes it (not float64, no softcap) and it pays: with
+        # few rows per chunk, h @ Wᵀ re-packs the whole weight for little work (15% of that GEMM at 256 rows,
+        # H=2048, V=128256); at 1024 rows that is gone, and the transposed kernel (which reads the chunk twice)
+        # made the call 1-6% slower instead.
+        columns = (fused and group is None and backend == _backend.CPU and cap == 0.0 and
+                   hidden.dtype != torch.float64 and chunk_rows < 512)
         for i0 in range(0, n, chunk_rows):
             rows = slice(i0, min(n, i0 + chunk_rows))
             h, t = hidden[rows], target[rows]
