@@ -48,8 +48,12 @@ constexpr float kLog2e = 1.44269504088896341f;
 
 // e^(x - ref) for x <= ref (or NaN), to the precision logits of type T deserve.
 template <class T>
-inline vfloat exp_shifted(vfloat x, float ref) {
+inline vfloat exp_shifted(vfloat x, vfloat ref) {
   return vexp2_lean<std::is_same<T, float>::value>((x - ref) * kLog2e);
+}
+template <class T>
+inline vfloat exp_shifted(vfloat x, float ref) {
+  return exp_shifted<T>(x, vbroadcast(ref));
 }
 
 inline vint lane_index() {
@@ -64,9 +68,10 @@ inline vfloat mask_tail(vfloat v, int n, float fill) {
   return lane_index() < n ? v : vbroadcast(fill);
 }
 
+// The first n <= kLanes elements; lanes past them read as `fill`.
 template <class T>
-inline vfloat load_n(const T* p, int n) {
-  return n == kLanes ? load(p) : load_partial(p, n, 0.0f);
+inline vfloat load_n(const T* p, int n, float fill = 0.0f) {
+  return n == kLanes ? load(p) : load_partial(p, n, fill);
 }
 
 // Non-temporal store of a whole vector to an address aligned to its size.
@@ -162,6 +167,16 @@ struct Problem {
     return l;
   }
 };
+
+// The reduced loss from the per-row ones (sum, or mean over the targets' weights), when asked for.
+template <class Acc>
+void write_reduced(const CrossEntropyParams& p, const Problem<Acc>& pr, const Acc* loss) {
+  if (p.reduced == nullptr) return;
+  double sum = 0;
+  for (int64_t r = 0; r < p.rows; ++r) sum += loss[r];
+  *static_cast<Acc*>(p.reduced) =
+      static_cast<Acc>(p.reduction == Reduction::mean ? sum / static_cast<double>(pr.denom) : sum);
+}
 
 // Gradient coefficients of one row: dL/dy_c = a·p_c - b_smooth·w_c - b_target·[c = t].
 template <class Acc>
@@ -490,12 +505,7 @@ void forward_vec(const CrossEntropyParams& p) {
     }
     if (stream) stream_fence();
   });
-  if (p.reduced != nullptr) {
-    double sum = 0;
-    for (int64_t r = 0; r < p.rows; ++r) sum += loss[r];
-    *static_cast<float*>(p.reduced) =
-        static_cast<float>(p.reduction == Reduction::mean ? sum / static_cast<double>(pr.denom) : sum);
-  }
+  write_reduced(p, pr, loss);
 }
 
 // ---- the transposed layout: logit (row r, class c) at x[c * class_stride + r] ----------------------------
@@ -506,13 +516,6 @@ void forward_vec(const CrossEntropyParams& p) {
 // kTileVecs vectors, so a chunk's classes × a tile's rows stay in L1.
 constexpr int kColChunk = 16;
 constexpr int kTileVecs = 32;
-
-inline vfloat exp_minus(vfloat x, vfloat ref) { return vexp2_lean<true>((x - ref) * kLog2e); }
-
-template <class T>
-inline vfloat load_rows(const T* p, int n, float fill) {
-  return n >= kLanes ? load(p) : load_partial(p, n, fill);
-}
 
 template <class T>
 void forward_columns(const CrossEntropyParams& p) {
@@ -551,13 +554,14 @@ void forward_columns(const CrossEntropyParams& p) {
           for (int j = 0; j < nv; ++j)
             if (live[j])
               store(mnew + j * kLanes,
-                    vmax(load_rows(xc + k * cs + j * kLanes, lanes(j), -kInf), load(mnew + j * kLanes)));
+                    vmax(load_n(xc + k * cs + j * kLanes, lanes(j), -kInf), load(mnew + j * kLanes)));
         for (int j = 0; j < nv; ++j) {
           if (!live[j]) continue;
           const vfloat mo = load(m + j * kLanes), mn = load(mnew + j * kLanes);
           const vfloat rf = mn == -kInf ? vbroadcast(0.0f) : mn;
-          // A row still all -inf keeps its sum as is (0, or NaN from a NaN logit).
-          const vfloat factor = mo == -kInf ? vbroadcast(1.0f) : exp_minus(mo, rf);
+          // A row still all -inf keeps its sum as is (0, or NaN from a NaN logit). The rescale is at fp32
+          // precision whatever T: the sum goes through it at every change of the max.
+          const vfloat factor = mo == -kInf ? vbroadcast(1.0f) : exp_shifted<float>(mo, rf);
           store(s + j * kLanes, load(s + j * kLanes) * factor);
           store(ref + j * kLanes, rf);
           store(m + j * kLanes, mn);
@@ -568,8 +572,8 @@ void forward_columns(const CrossEntropyParams& p) {
           const float wc = w != nullptr ? w[c0 + k] : 1.0f;
           for (int j = 0; j < nv; ++j) {
             if (!live[j]) continue;
-            const vfloat v = load_rows(xc + k * cs + j * kLanes, lanes(j), 0.0f);
-            store(s + j * kLanes, load(s + j * kLanes) + exp_minus(v, load(ref + j * kLanes)));
+            const vfloat v = load_n(xc + k * cs + j * kLanes, lanes(j));
+            store(s + j * kLanes, load(s + j * kLanes) + exp_shifted<T>(v, load(ref + j * kLanes)));
             if (smooth) store(part + j * kLanes, load(part + j * kLanes) + v * wc);
           }
         }
@@ -601,7 +605,7 @@ void forward_columns(const CrossEntropyParams& p) {
         bs[i] = k.b_smooth;
         lse_g[i] = lse;
         // The target's own gradient, as the pass below computes it plus its -b_target, in one rounding.
-        float gt = exp_minus(vbroadcast(yt), vbroadcast(lse))[0] * k.a;
+        float gt = exp_shifted<T>(vbroadcast(yt), lse)[0] * k.a;
         if (smooth) gt -= k.b_smooth * (w != nullptr ? w[t] : 1.0f);
         g_target[i] = gt - k.b_target;
       }
@@ -612,15 +616,11 @@ void forward_columns(const CrossEntropyParams& p) {
           const int n = lanes(j);
           vfloat g = vbroadcast(0.0f);
           if (live[j]) {
-            g = exp_minus(load_rows(xc + j * kLanes, n, 0.0f), load(lse_g + j * kLanes)) * load(a + j * kLanes);
+            g = exp_shifted<T>(load_n(xc + j * kLanes, n), load(lse_g + j * kLanes)) * load(a + j * kLanes);
             if (smooth) g -= load(bs + j * kLanes) * wc;
             g = load(keep + j * kLanes) != 0.0f ? g : vbroadcast(0.0f);  // ignored rows: 0, even for NaN logits
           }
-          if (n == kLanes) {
-            store(xc + j * kLanes, g);
-          } else {
-            store_partial(xc + j * kLanes, g, n);
-          }
+          store_grad(xc + j * kLanes, g, n, false);
         }
       }
       for (int i = 0; i < rows; ++i) {
@@ -629,12 +629,7 @@ void forward_columns(const CrossEntropyParams& p) {
       }
     }
   });
-  if (p.reduced != nullptr) {
-    double sum = 0;
-    for (int64_t r = 0; r < R; ++r) sum += loss[r];
-    *static_cast<float*>(p.reduced) =
-        static_cast<float>(p.reduction == Reduction::mean ? sum / static_cast<double>(pr.denom) : sum);
-  }
+  write_reduced(p, pr, loss);
 }
 
 template <class T>
@@ -797,11 +792,7 @@ void forward64(const CrossEntropyParams& p) {
       }
     }
   });
-  if (p.reduced != nullptr) {
-    double sum = 0;
-    for (int64_t r = 0; r < p.rows; ++r) sum += loss[r];
-    *static_cast<double*>(p.reduced) = p.reduction == Reduction::mean ? sum / pr.denom : sum;
-  }
+  write_reduced(p, pr, loss);
 }
 
 void stats64(const CrossEntropyParams& p) {
