@@ -280,6 +280,20 @@ def test_strided_inputs(backend, device):
     check_attention(backend, q_view, k, vw, F32, causal=True)
 
 
+def test_size_one_dims_with_odd_strides(backend, device):
+    """Batch 1, one kv head (MQA) and one query row whose strides are ones torch allows for size-1 dims
+    (here 3, 5 and 7 elements) but no kernel would expect."""
+    D, S = 32, 45
+
+    def odd_view(h, rows):
+        base = rand(h * rows * D + 8, device=device)
+        return base.as_strided((1, h, rows, D), (3, rows * D if h > 1 else 5, D if rows > 1 else 7, 1), 8)
+
+    for q in (odd_view(3, 1), odd_view(2, 19)):
+        k, v = odd_view(1, S), odd_view(1, S)
+        check_attention(backend, q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), F32, causal=True)
+
+
 # ---- variable-length sequences --------------------------------------------------------------------------
 
 def check_varlen(backend, device, lens_q, lens_k, Hq, Hkv, E, dtype=F32, max_given=True, **kw):

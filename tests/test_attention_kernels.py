@@ -324,6 +324,23 @@ def test_strided_inputs(backend, dtype, aligned):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [F32, F16])
+def test_size_one_dims_with_odd_strides(backend, dtype):
+    """Batch 1, one kv head and one query row, each with a stride torch allows for a size-1 dim but that is
+    no multiple of 16 bytes (the binding passes such strides as 0: never stepped)."""
+    dev = device_for(backend)
+    E, S = 64, 45
+
+    def odd_view(h, rows):
+        base = make((h * rows * E + 8,), dtype, dev)
+        return base.as_strided((1, h, rows, E), (3, rows * E if h > 1 else 5, E if rows > 1 else 7, 1), 8)
+
+    q, k, v = odd_view(3, 1), odd_view(1, S), odd_view(1, S)
+    check(backend, dtype, qkv=(q, k, v))
+    check(backend, dtype, qkv=(odd_view(2, 19), k, v), window=(-1, 0), bottom_right=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [F32, F16])
 def test_fully_masked_rows(backend, dtype):
     """Rows that see no key — by the boolean mask, by an all -inf additive mask, or by a bottom-right
     window with L > S — give o = 0, lse = -inf and zero gradients, never NaN."""
@@ -371,6 +388,48 @@ def test_backward_is_deterministic(backend, deterministic):
     second = backward(backend, dout, q, k, v, out, lse, deterministic=deterministic, **opts)
     for a, b in zip(first, second):
         assert torch.equal(a.view(torch.int16), b.view(torch.int16))
+
+
+@contextlib.contextmanager
+def device_smem_limit(nbytes):
+    """The emulator models a GPU with `nbytes` of shared memory per block."""
+    previous = fusedops._C.simt_smem_limit()
+    fusedops._C.set_simt_smem_limit(nbytes)
+    try:
+        yield
+    finally:
+        fusedops._C.set_simt_smem_limit(previous)
+
+
+SMALL_SMEM = 99 * 1024  # per block on sm_86, sm_89, sm_120 (RTX 30/40/50, A10, A40, L4, L40S)
+
+
+@pytest.mark.emulated
+@pytest.mark.parametrize("dtype,E,Ev", [(d, e, ev) for d in (F16, BF16) for e, ev in HALF_DIMS] +
+                         [(F32, 8, 40), (F32, 128, 96)])
+@pytest.mark.parametrize("masked", [False, True], ids=["causal_dropout", "mask"])
+def test_small_smem_gpu(dtype, E, Ev, masked):
+    """With 99 KiB of shared memory per block, every fp16/bf16 head dim and fp32 up to 128 runs forward and
+    backward: kernels whose default tiles need more switch to their compact ones (narrower key tiles, or
+    shorter query tiles and one stage), over several tiles of each kind here."""
+    L, S = 70, 100
+    opts = dict(dropout_p=0.15, seed=4, window=(-1, 0)) if not masked else dict(
+        mask=(torch.rand(2, 1, L, S) > 0.3).expand(2, 3, L, S), alibi=torch.rand(3) * 0.2)
+    with device_smem_limit(SMALL_SMEM):
+        check("cuda-emulated", dtype, B=2, Hq=3, L=L, S=S, E=E, Ev=Ev, **opts)
+
+
+@pytest.mark.emulated
+def test_small_smem_gpu_fp32_wide_heads():
+    """fp32 above head dim 128 on a 99 KiB GPU: the forward runs (compact tiles); no fp32 backward tiling
+    fits, and the backward says so by name instead of failing the launch."""
+    with device_smem_limit(SMALL_SMEM):
+        _, _, grads = check("cuda-emulated", F32, L=40, S=50, E=200, Ev=256, grads=False)
+        dev = device_for("cuda-emulated")
+        q, k, v = make((1, 2, 40, 200), F32, dev), make((1, 2, 50, 200), F32, dev), make((1, 2, 50, 256), F32, dev)
+        out, lse = forward("cuda-emulated", q, k, v, scale=0.1)
+        with pytest.raises(ValueError, match=r"backward \(dK, dV\) kernel for head dim 256 needs 139 KiB.*allows 99 KiB"):
+            backward("cuda-emulated", torch.randn_like(out), q, k, v, out, lse, scale=0.1)
 
 
 @contextlib.contextmanager

@@ -287,6 +287,31 @@ def test_shared_memory_above_48k_needs_the_attribute(backend):
     assert torch.equal(out.cpu(), torch.arange(threads - 1, -1, -1, dtype=torch.float32))
 
 
+def test_emulated_device_smem_limit():
+    """The emulator can model a GPU with less shared memory (99 KiB per block on sm_86/sm_89): above it both
+    the attribute and the launch fail, even for a kernel whose attribute was set under a larger limit."""
+    threads = 128
+    out = torch.full((threads,), float("nan"))
+    previous = _C.simt_smem_limit()
+    assert previous == 227 * 1024
+    run("big_smem", "cuda-emulated", [out], [0, 1], threads=threads, smem=120 * 1024)  # sets the attribute
+    try:
+        _C.set_simt_smem_limit(99 * 1024)
+        assert _C.simt_smem_limit() == 99 * 1024
+        with pytest.raises(RuntimeError, match="exceed the device limit of 101376"):
+            run("big_smem", "cuda-emulated", [out], [0, 0], threads=threads, smem=120 * 1024)
+        with pytest.raises(RuntimeError, match="exceed the device limit of 101376"):
+            run("big_smem", "cuda-emulated", [out], [0, 1], threads=threads, smem=100 * 1024)
+        out.fill_(float("nan"))
+        run("big_smem", "cuda-emulated", [out], [0, 1], threads=threads, smem=99 * 1024)
+        assert torch.equal(out, torch.arange(threads - 1, -1, -1, dtype=torch.float32))
+        for bad in (47 * 1024, 228 * 1024):
+            with pytest.raises(ValueError, match="shared memory limit"):
+                _C.set_simt_smem_limit(bad)
+    finally:
+        _C.set_simt_smem_limit(previous)
+
+
 @pytest.mark.parametrize("backend", simt_backends)
 def test_cp_async_with_zero_fill(backend, _seed):
     rng = random.Random(_seed)

@@ -24,15 +24,19 @@ namespace {
 constexpr const char* kFwd = "fusedops.attention_forward";
 constexpr const char* kBwd = "fusedops.attention_backward";
 
+// Strides of (batch, head, row). A dimension of size 1 is never stepped: its stride, which torch leaves
+// arbitrary (e.g. 1 after an unsqueeze), is passed as 0 so it cannot cost the CUDA kernels their 16-byte
+// vector copies.
 void strides3(const at::Tensor& t, bool varlen, int64_t (&s)[3]) {
+  auto stride = [&](int64_t dim) { return t.size(dim) == 1 ? 0 : t.stride(dim); };
   if (varlen) {  // (total, H, D)
     s[0] = 0;
-    s[1] = t.stride(1);
-    s[2] = t.stride(0);
+    s[1] = stride(1);
+    s[2] = stride(0);
   } else {  // (B, H, L, D)
-    s[0] = t.stride(0);
-    s[1] = t.stride(1);
-    s[2] = t.stride(2);
+    s[0] = stride(0);
+    s[1] = stride(1);
+    s[2] = stride(2);
   }
 }
 

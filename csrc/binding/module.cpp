@@ -91,6 +91,8 @@ PYBIND11_MODULE(_C, m) {
     return std::make_pair(std::string(schedule_name(fusedops::simt_emu::current_schedule())),
                           fusedops::simt_emu::current_seed());
   });
+  m.def("set_simt_smem_limit", &fusedops::simt_emu::set_device_smem_limit, pybind11::arg("bytes"));
+  m.def("simt_smem_limit", &fusedops::simt_emu::device_smem_limit);
   m.def("simt_selftest", &run_selftest, pybind11::arg("name"), pybind11::arg("backend"), pybind11::arg("tensors"),
         pybind11::arg("ints"), pybind11::arg("threads") = 32, pybind11::arg("blocks") = 1, pybind11::arg("smem") = 0);
 }

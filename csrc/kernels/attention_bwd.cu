@@ -18,7 +18,8 @@
 // (about 1.4× the backward's tensor-core work), against FA2's fp32 atomicAdd of dQ partials.
 //
 // Limits: as the forward (head dims multiples of 8 in [8, 256]; up to 160 KiB of shared memory per
-// block; element-wise copies for rows that are not 16-byte aligned). fp32 uses FMA products.
+// block, compact tiles on 99 KiB GPUs except for fp32 above head dim 128, which does not fit there;
+// element-wise copies for rows that are not 16-byte aligned). fp32 uses FMA products.
 #include "attention_common.cuh"
 
 namespace fusedops::FUSEDOPS_BACKEND {
@@ -54,19 +55,22 @@ FUSEDOPS_DEVICE float delta_of(const KernelArgs& a, int b, int h, int64_t row) {
 
 // ---- 2. dK, dV ---------------------------------------------------------------------------------------------
 
-template <class T, int kDim_>
+template <class T, int kDim_, bool kCompact_>
 struct BackwardKVTraits {
   static constexpr bool kTensorCores = sizeof(T) == 2;
   static constexpr int kDim = kDim_;
-  static constexpr int kWarpsKeys = kTensorCores ? 4 : 2;  // warps along the key tile
+  // Compact (99 KiB GPUs): fp16/bf16 take 32-row query tiles up to kDim 128 and 32-key tiles in one stage
+  // above; fp32 one stage (above kDim 128 no fp32 configuration fits 99 KiB: the kernel stays as it is).
+  static constexpr bool kCompact = kCompact_;
+  static constexpr int kWarpsKeys = kTensorCores ? (kCompact && kDim > 128 ? 2 : 4) : 2;  // warps along the key tile
   static constexpr int kBlockN = 16 * kWarpsKeys;
   // Warps along the queries (phase 1) and the head dim (phase 2): the dK + dV accumulators are
   // kDim / kSplit floats per thread.
   static constexpr int kSplit = kTensorCores || kDim <= 128 ? 2 : 4;
   static constexpr int kWarps = kWarpsKeys * kSplit;
   static constexpr int kThreads = 32 * kWarps;
-  static constexpr int kBlockM = kTensorCores && kDim <= 128 ? 64 : 32;
-  static constexpr int kStages = kTensorCores || kDim <= 128 ? 2 : 1;
+  static constexpr int kBlockM = kTensorCores && kDim <= 128 && !kCompact ? 64 : 32;
+  static constexpr int kStages = kCompact ? (kTensorCores && kDim <= 128 ? 2 : 1) : (kTensorCores || kDim <= 128 ? 2 : 1);
   static constexpr int kQueriesPerWarp = kBlockM / kSplit;
   static constexpr int kColsPerWarp = kDim / kSplit;
   static constexpr int kPitch = kDim + 16 / static_cast<int>(sizeof(T));
@@ -79,9 +83,10 @@ struct BackwardKVTraits {
   static_assert(kSmemBytes + kMaskBytes <= kMaxSmemBytes, "shared memory beyond sm_80's limit");
 };
 
-template <class T, int kDim>
-__global__ void FUSEDOPS_LAUNCH_BOUNDS(BackwardKVTraits<T, kDim>::kThreads, 1) attention_backward_dkdv_kernel(const KernelArgs a) {
-  using Tr = BackwardKVTraits<T, kDim>;
+template <class T, int kDim, bool kCompact>
+__global__ void FUSEDOPS_LAUNCH_BOUNDS(BackwardKVTraits<T, kDim, kCompact>::kThreads, 1)
+    attention_backward_dkdv_kernel(const KernelArgs a) {
+  using Tr = BackwardKVTraits<T, kDim, kCompact>;
   constexpr int kBlockM = Tr::kBlockM, kBlockN = Tr::kBlockN, kPitch = Tr::kPitch, kPitchP = Tr::kPitchP;
   constexpr int kThreads = Tr::kThreads;
   constexpr int kQT = Tr::kQueriesPerWarp / 8;  // phase-1 n-tiles (queries)
@@ -249,11 +254,15 @@ __global__ void FUSEDOPS_LAUNCH_BOUNDS(BackwardKVTraits<T, kDim>::kThreads, 1) a
 
 // ---- 3. dQ -------------------------------------------------------------------------------------------------
 
-template <class T, int kDim_>
+template <class T, int kDim_, bool kCompact_>
 struct BackwardQTraits {
   static constexpr bool kTensorCores = sizeof(T) == 2;
   static constexpr int kDim = kDim_;
-  static constexpr int kRowWarps = !kTensorCores && kDim > 128 ? 2 : 4;
+  // Compact (99 KiB GPUs): 32-row query tiles for fp16/bf16 above kDim 128, and for fp32 up to kDim 128
+  // with 16-key tiles.
+  static constexpr bool kCompact = kCompact_;
+  static constexpr bool kCompactRows = kCompact && (kTensorCores ? kDim > 128 : kDim <= 128);
+  static constexpr int kRowWarps = (!kTensorCores && kDim > 128) || kCompactRows ? 2 : 4;
   static constexpr int kColSplit = !kTensorCores && kDim > 128 ? 2 : 1;  // as in ForwardTraits
   static constexpr int kOutCols = kDim / kColSplit;
   static constexpr int kWarps = kRowWarps * kColSplit;
@@ -261,7 +270,7 @@ struct BackwardQTraits {
   static constexpr int kBlockM = 16 * kRowWarps;
   // S, dP (kBlockN / 2 floats each per thread) and dQ (kDim / 2) live together: 32 keys per tile, 16
   // above head dim 128 (which keeps ~40 registers of headroom under the 255 limit).
-  static constexpr int kBlockN = kDim <= 128 ? 32 : 16;
+  static constexpr int kBlockN = kDim <= 128 && !(kCompactRows && !kTensorCores) ? 32 : 16;
   static constexpr int kStages = 2;
   static constexpr int kPitch = kDim + 16 / static_cast<int>(sizeof(T));
   static constexpr int kScratchPitch = kBlockN + 4;
@@ -272,9 +281,10 @@ struct BackwardQTraits {
   static_assert(kSmemBytes + kMaskBytes <= kMaxSmemBytes, "shared memory beyond sm_80's limit");
 };
 
-template <class T, int kDim>
-__global__ void FUSEDOPS_LAUNCH_BOUNDS(BackwardQTraits<T, kDim>::kThreads, 1) attention_backward_dq_kernel(const KernelArgs a) {
-  using Tr = BackwardQTraits<T, kDim>;
+template <class T, int kDim, bool kCompact>
+__global__ void FUSEDOPS_LAUNCH_BOUNDS(BackwardQTraits<T, kDim, kCompact>::kThreads, 1)
+    attention_backward_dq_kernel(const KernelArgs a) {
+  using Tr = BackwardQTraits<T, kDim, kCompact>;
   constexpr int kBlockM = Tr::kBlockM, kBlockN = Tr::kBlockN, kPitch = Tr::kPitch, kThreads = Tr::kThreads;
   constexpr int kNT = kBlockN / 8;
   constexpr int kOT = Tr::kOutCols / 8;
@@ -441,19 +451,26 @@ void attention_backward(const AttentionBackwardParams& p, cudaStream_t stream) {
     }
     attn::dispatch_head_dim<std::is_same<T, float>::value>(dim, [&](auto dim_tag) {
       constexpr int kDim = decltype(dim_tag)::value;
+      const bool masked = args.mask_kind != 0;
       if (p.fwd.len_kv > 0 && p.fwd.heads_kv > 0) {
-        using Tr = attn::BackwardKVTraits<T, kDim>;
-        const unsigned grid = attn::grid_size((p.fwd.len_kv + Tr::kBlockN - 1) / Tr::kBlockN, p.fwd.heads_kv, p.fwd.batch);
-        const size_t smem = Tr::kSmemBytes + (args.mask_kind != 0 ? Tr::kMaskBytes : 0);
-        attn::prepare_smem(attn::attention_backward_dkdv_kernel<T, kDim>, smem, "backward (dK, dV)", kDim);
-        SIMT_LAUNCH((attn::attention_backward_dkdv_kernel<T, kDim>), grid, Tr::kThreads, smem, stream, args);
+        attn::with_tiles<attn::BackwardKVTraits, T, kDim>(masked, [&](auto compact_tag) {
+          constexpr bool kCompact = decltype(compact_tag)::value;
+          using Tr = attn::BackwardKVTraits<T, kDim, kCompact>;
+          const unsigned grid = attn::grid_size((p.fwd.len_kv + Tr::kBlockN - 1) / Tr::kBlockN, p.fwd.heads_kv, p.fwd.batch);
+          const size_t smem = Tr::kSmemBytes + (masked ? Tr::kMaskBytes : 0);
+          attn::prepare_smem(attn::attention_backward_dkdv_kernel<T, kDim, kCompact>, smem, "backward (dK, dV)", kDim);
+          SIMT_LAUNCH((attn::attention_backward_dkdv_kernel<T, kDim, kCompact>), grid, Tr::kThreads, smem, stream, args);
+        });
       }
       if (p.fwd.len_q > 0 && p.fwd.heads_q > 0) {
-        using Tr = attn::BackwardQTraits<T, kDim>;
-        const unsigned grid = attn::grid_size((p.fwd.len_q + Tr::kBlockM - 1) / Tr::kBlockM, p.fwd.heads_q, p.fwd.batch);
-        const size_t smem = Tr::kSmemBytes + (args.mask_kind != 0 ? Tr::kMaskBytes : 0);
-        attn::prepare_smem(attn::attention_backward_dq_kernel<T, kDim>, smem, "backward (dQ)", kDim);
-        SIMT_LAUNCH((attn::attention_backward_dq_kernel<T, kDim>), grid, Tr::kThreads, smem, stream, args);
+        attn::with_tiles<attn::BackwardQTraits, T, kDim>(masked, [&](auto compact_tag) {
+          constexpr bool kCompact = decltype(compact_tag)::value;
+          using Tr = attn::BackwardQTraits<T, kDim, kCompact>;
+          const unsigned grid = attn::grid_size((p.fwd.len_q + Tr::kBlockM - 1) / Tr::kBlockM, p.fwd.heads_q, p.fwd.batch);
+          const size_t smem = Tr::kSmemBytes + (masked ? Tr::kMaskBytes : 0);
+          attn::prepare_smem(attn::attention_backward_dq_kernel<T, kDim, kCompact>, smem, "backward (dQ)", kDim);
+          SIMT_LAUNCH((attn::attention_backward_dq_kernel<T, kDim, kCompact>), grid, Tr::kThreads, smem, stream, args);
+        });
       }
     });
   });

@@ -585,10 +585,35 @@ FUSEDOPS_DEVICE BlockCoord block_coord(int tiles, int heads) {
 
 // sm_80's opt-in limit per block (sm_90 allows 227 KiB).
 constexpr size_t kMaxSmemBytes = 163 * 1024;
+// The opt-in limit of GPUs of compute capability 8.6, 8.9 and 12.0 (RTX 30/40/50 series, A10, A40, L4,
+// L40S). The default tiles are sized for sm_80/sm_90; a kernel whose default tiles need more than this
+// also has a compact configuration (its traits' kCompact) that fits it, mask included, and with_tiles
+// picks it on such a GPU.
+constexpr size_t kCompactSmemBytes = 99 * 1024;
 
-// Opts `kernel` into `bytes` of dynamic shared memory, or says clearly that this GPU has too little: the
-// tiles are sized for sm_80/sm_90, and GPUs with 99 KiB per block (sm_86, sm_89, sm_120) cannot run the
-// larger head dims' kernels.
+template <bool B>
+struct BoolConst {
+  static constexpr bool value = B;
+};
+
+// Calls f(BoolConst<kCompact>) with the tile configuration to launch: the default one, unless it needs more
+// shared memory than this device allows and a compact one exists. Compact kernels are instantiated only
+// where the default exceeds kCompactSmemBytes and the compact one fits it (elsewhere prepare_smem says
+// why nothing fits).
+template <template <class, int, bool> class Traits, class T, int kDim, class F>
+void with_tiles(bool masked, F&& f) {
+  using Default = Traits<T, kDim, false>;
+  using Compact = Traits<T, kDim, true>;
+  if constexpr (Default::kSmemBytes + Default::kMaskBytes > kCompactSmemBytes &&
+                Compact::kSmemBytes + Compact::kMaskBytes <= kCompactSmemBytes) {
+    const size_t need = Default::kSmemBytes + (masked ? Default::kMaskBytes : 0);
+    if (need > 48 * 1024 && need > simt::max_dynamic_smem()) return f(BoolConst<true>{});
+  }
+  f(BoolConst<false>{});
+}
+
+// Opts `kernel` into `bytes` of dynamic shared memory, or says clearly that this GPU has too little (with
+// 99 KiB per block, the fp32 backward above head dim 128: no fp32 tiling of it fits).
 template <class Kernel>
 void prepare_smem(Kernel kernel, size_t bytes, const char* kernel_name, int head_dim) {
   if (bytes <= 48 * 1024) return;
@@ -597,8 +622,7 @@ void prepare_smem(Kernel kernel, size_t bytes, const char* kernel_name, int head
     throw std::invalid_argument(std::string("fusedops: the CUDA attention ") + kernel_name + " kernel for head dim " +
                                 std::to_string(head_dim) + " needs " + std::to_string(bytes / 1024) +
                                 " KiB of shared memory per block, and this GPU allows " + std::to_string(limit / 1024) +
-                                " KiB (its tiles are sized for sm_80/sm_90 GPUs); use a smaller head dim here, or the "
-                                "CPU backend");
+                                " KiB; use a smaller head dim, 16-bit inputs, or the CPU backend");
   simt::set_max_dynamic_smem(kernel, bytes);
 }
 

@@ -16,7 +16,8 @@
 //
 // Limits: head dims multiples of 8 in [8, 256] (q/k and v may differ; the tile width is the larger
 // rounded up to 32 — 8 instantiations for fp16/bf16, 3 for fp32 — and zero-padded 16-column slices are
-// skipped). Up to 150 KiB of shared memory per block (fits sm_80 and sm_90, not the 99 KiB of sm_86/89).
+// skipped). Up to 150 KiB of shared memory per block (sm_80, sm_90); on 99 KiB GPUs (sm_86/89/120) the
+// instantiations that need more use compact tiles (ForwardTraits' kCompact, picked by with_tiles).
 // Rows that are not 16-byte aligned fall back to element-wise copies. No Hopper (wgmma/TMA) path yet:
 // the tile configuration lives in ForwardTraits so one can be added next to this one.
 #include "attention_common.cuh"
@@ -24,11 +25,15 @@
 namespace fusedops::FUSEDOPS_BACKEND {
 namespace attn {
 
-template <class T, int kDim_>
+template <class T, int kDim_, bool kCompact_>
 struct ForwardTraits {
   static constexpr bool kTensorCores = sizeof(T) == 2;
   static constexpr int kDim = kDim_;
-  static constexpr int kRowWarps = 4;  // each owns 16 query rows
+  // Compact (GPUs with 99 KiB of shared memory per block, attention_common.cuh): key tiles of half the
+  // width; fp32 at kDim 256, whose key tiles are already 16 wide, gets 32-row query tiles and one stage.
+  static constexpr bool kCompact = kCompact_;
+  static constexpr bool kCompactRows = kCompact && !kTensorCores && kDim > 128;
+  static constexpr int kRowWarps = kCompactRows ? 2 : 4;  // each owns 16 query rows
   // fp32 at kDim 256 splits the output columns between two warps per 16 rows (both compute the same
   // scores): 128 fp32 accumulators plus the FMA path's operands do not fit one thread's registers.
   static constexpr int kColSplit = !kTensorCores && kDim > 128 ? 2 : 1;
@@ -38,8 +43,9 @@ struct ForwardTraits {
   static constexpr int kBlockM = 16 * kRowWarps;
   // Score tile width: the accumulators (kDim / 2 floats per thread for O, kBlockN / 2 for S) must stay
   // in registers at kDim 256; fp32 needs more registers around its FMA products than mma does.
-  static constexpr int kBlockN = kDim <= 128 ? (kTensorCores ? 64 : 32) : (kTensorCores ? 32 : 16);
-  static constexpr int kStages = 2;
+  static constexpr int kBlockN =
+      (kDim <= 128 ? (kTensorCores ? 64 : 32) : (kTensorCores ? 32 : 16)) / (kCompact && !kCompactRows ? 2 : 1);
+  static constexpr int kStages = kCompactRows ? 1 : 2;
   static constexpr int kPitch = kDim + 16 / static_cast<int>(sizeof(T));  // 16-byte skew: conflict-free ldmatrix
   static constexpr int kScratchPitch = kBlockN + 4;                        // fp32 P staging
   static constexpr size_t kTileBytes = sizeof(T) * static_cast<size_t>(kPitch);
@@ -51,10 +57,10 @@ struct ForwardTraits {
   static_assert(kSmemBytes + kMaskBytes <= kMaxSmemBytes, "shared memory beyond sm_80's limit");
 };
 
-template <class T, int kDim>
-__global__ void FUSEDOPS_LAUNCH_BOUNDS(ForwardTraits<T, kDim>::kThreads, 1)
+template <class T, int kDim, bool kCompact>
+__global__ void FUSEDOPS_LAUNCH_BOUNDS(ForwardTraits<T, kDim, kCompact>::kThreads, 1)
     attention_forward_kernel(const KernelArgs a) {
-  using Tr = ForwardTraits<T, kDim>;
+  using Tr = ForwardTraits<T, kDim, kCompact>;
   constexpr int kBlockM = Tr::kBlockM, kBlockN = Tr::kBlockN, kPitch = Tr::kPitch, kThreads = Tr::kThreads;
   constexpr int kNT = kBlockN / 8;  // score n-tiles per warp
   constexpr int kOT = Tr::kOutCols / 8;  // output n-tiles per warp
@@ -231,11 +237,14 @@ void attention_forward(const AttentionForwardParams& p, cudaStream_t stream) {
     using T = decltype(type_tag);
     attn::dispatch_head_dim<std::is_same<T, float>::value>(dim, [&](auto dim_tag) {
       constexpr int kDim = decltype(dim_tag)::value;
-      using Tr = attn::ForwardTraits<T, kDim>;
-      const unsigned grid = attn::grid_size((p.len_q + Tr::kBlockM - 1) / Tr::kBlockM, p.heads_q, p.batch);
-      const size_t smem = Tr::kSmemBytes + (args.mask_kind != 0 ? Tr::kMaskBytes : 0);
-      attn::prepare_smem(attn::attention_forward_kernel<T, kDim>, smem, "forward", kDim);
-      SIMT_LAUNCH((attn::attention_forward_kernel<T, kDim>), grid, Tr::kThreads, smem, stream, args);
+      attn::with_tiles<attn::ForwardTraits, T, kDim>(args.mask_kind != 0, [&](auto compact_tag) {
+        constexpr bool kCompact = decltype(compact_tag)::value;
+        using Tr = attn::ForwardTraits<T, kDim, kCompact>;
+        const unsigned grid = attn::grid_size((p.len_q + Tr::kBlockM - 1) / Tr::kBlockM, p.heads_q, p.batch);
+        const size_t smem = Tr::kSmemBytes + (args.mask_kind != 0 ? Tr::kMaskBytes : 0);
+        attn::prepare_smem(attn::attention_forward_kernel<T, kDim, kCompact>, smem, "forward", kDim);
+        SIMT_LAUNCH((attn::attention_forward_kernel<T, kDim, kCompact>), grid, Tr::kThreads, smem, stream, args);
+      });
     });
   });
 }

@@ -75,7 +75,8 @@ std::unordered_map<const void*, size_t>& smem_attributes() {
   return m;
 }
 
-constexpr size_t kDefaultDynamicSmem = 48 * 1024;
+std::atomic<size_t> g_device_smem_limit{kMaxDynamicSmem};
+
 constexpr unsigned kMaxThreadsPerBlock = 1024;
 
 size_t fiber_stack_bytes() {
@@ -665,11 +666,19 @@ void set_schedule(Schedule schedule, uint64_t seed) {
 Schedule current_schedule() { return static_cast<Schedule>(config().schedule.load()); }
 uint64_t current_seed() { return config().seed.load(); }
 
+void set_device_smem_limit(size_t bytes) {
+  if (bytes < kDefaultDynamicSmem || bytes > kMaxDynamicSmem)
+    throw std::invalid_argument("simt emulator: shared memory limit " + std::to_string(bytes) + " bytes, expected " +
+                                std::to_string(kDefaultDynamicSmem) + " to " + std::to_string(kMaxDynamicSmem));
+  g_device_smem_limit = bytes;
+}
+size_t device_smem_limit() { return g_device_smem_limit.load(); }
+
 void set_max_dynamic_smem(const void* kernel, size_t bytes) {
-  if (bytes > kMaxDynamicSmem)
+  if (bytes > device_smem_limit())
     throw std::runtime_error("simt emulator: cudaFuncSetAttribute: " + std::to_string(bytes) +
                              " bytes of dynamic shared memory exceed the device limit of " +
-                             std::to_string(kMaxDynamicSmem));
+                             std::to_string(device_smem_limit()));
   std::lock_guard<std::mutex> lock(g_smem_attr_mutex);
   smem_attributes()[kernel] = bytes;
 }
@@ -689,6 +698,9 @@ void run_grid(const LaunchSpec& spec, BodyRef body) {
       auto it = smem_attributes().find(spec.kernel);
       if (it != smem_attributes().end()) allowed = it->second;
     }
+    if (spec.dynamic_smem_bytes > device_smem_limit())
+      launch_error(spec, std::to_string(spec.dynamic_smem_bytes) + " bytes of dynamic shared memory exceed the device limit of " +
+                             std::to_string(device_smem_limit()));
     if (spec.dynamic_smem_bytes > allowed)
       launch_error(spec, std::to_string(spec.dynamic_smem_bytes) +
                              " bytes of dynamic shared memory need cudaFuncSetAttribute("

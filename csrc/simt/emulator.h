@@ -91,10 +91,18 @@ void launch(const char* name, void (*kernel)(Params...), dim3 grid, dim3 block, 
 }
 
 // cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes): launches asking
-// for more than 48 KiB of dynamic shared memory fail without it, as they do on the GPU. At most
-// kMaxDynamicSmem, sm_90's per-block opt-in limit.
-constexpr size_t kMaxDynamicSmem = 227 * 1024;
+// for more than 48 KiB of dynamic shared memory fail without it, as they do on the GPU. At most the
+// modelled device's per-block opt-in limit, device_smem_limit().
 void set_max_dynamic_smem(const void* kernel, size_t bytes);
+
+// The per-block opt-in limit of the device the emulator models (cudaDevAttrMaxSharedMemoryPerBlockOptin):
+// sm_90's 227 KiB unless set lower, e.g. to sm_80's 163 KiB or the 99 KiB of sm_86/sm_89/sm_120, so that
+// tests run the tile configurations chosen for those GPUs. Launches above it fail, whatever attribute was
+// set before the change. Between kDefaultDynamicSmem (48 KiB) and kMaxDynamicSmem.
+constexpr size_t kMaxDynamicSmem = 227 * 1024;
+constexpr size_t kDefaultDynamicSmem = 48 * 1024;
+void set_device_smem_limit(size_t bytes);
+size_t device_smem_limit();
 
 // Fails the running launch with `message` (a device-side trap).
 [[noreturn]] void trap(const char* message);

@@ -328,7 +328,7 @@ inline void set_max_dynamic_smem(Kernel kernel, size_t bytes) {
 }
 // The emulator pretends to have a few SMs, so grids sized from it stay small and still span blocks.
 inline int sm_count() { return 4; }
-inline size_t max_dynamic_smem() { return ::fusedops::simt_emu::kMaxDynamicSmem; }
+inline size_t max_dynamic_smem() { return ::fusedops::simt_emu::device_smem_limit(); }
 inline void memset_async(void* ptr, int value, size_t bytes, cudaStream_t) { std::memset(ptr, value, bytes); }
 #else
 inline void check(cudaError_t e, const char* what) {
