@@ -5,9 +5,10 @@
 // from the forward's log-sum-exp, in three kernels:
 //   1. delta = rowsum(dO ∘ O) per query row, into the caller's workspace (the softmax Jacobian term;
 //      with dropout it equals rowsum(P ∘ Z ∘ dP̃), so it stays correct).
-//   2. dK/dV: one block per (key tile of 64, 32 for fp32; kv head; batch entry), iterating over the query
-//      heads of its GQA group and the Q tiles its window reaches (two-stage cp.async pipeline). Phase 1 computes Sᵀ =
-//      K Qᵀ and dPᵀ = V dOᵀ (warps split keys × queries) and writes P∘Z and dS to shared memory; phase 2
+//   2. dK/dV: one block per (key tile of 64, or 32 for fp32 and compact tiles above head dim 128; kv head;
+//      batch entry), iterating over the query heads of its GQA group and the Q tiles its window reaches
+//      (two-stage cp.async pipeline). Phase 1 computes Sᵀ = K Qᵀ and dPᵀ = V dOᵀ (warps split keys ×
+//      queries) and writes P∘Z and dS to shared memory; phase 2
 //      accumulates dV += (P∘Z)ᵀ dO and dK += dSᵀ Q in registers (warps split keys × head dim, which keeps
 //      the accumulators of head dim 256 spill-free). dK and dV are complete without atomics.
 //   3. dQ: one block per (Q tile of 64 rows; query head; batch entry), iterating over K tiles like the
@@ -18,7 +19,7 @@
 // (about 1.4× the backward's tensor-core work), against FA2's fp32 atomicAdd of dQ partials.
 //
 // Limits: as the forward (head dims multiples of 8 in [8, 256]; up to 160 KiB of shared memory per
-// block, compact tiles on 99 KiB GPUs except for fp32 above head dim 128, which does not fit there;
+// block; compact tiles on 99 KiB GPUs, except for fp32 above head dim 128, for which none is provided;
 // element-wise copies for rows that are not 16-byte aligned). fp32 uses FMA products.
 #include "attention_common.cuh"
 
@@ -60,8 +61,9 @@ struct BackwardKVTraits {
   static constexpr bool kTensorCores = sizeof(T) == 2;
   static constexpr int kDim = kDim_;
   // Compact (99 KiB GPUs): fp16/bf16 take 32-row query tiles up to kDim 128 and 32-key tiles in one stage
-  // above; fp32 one stage (above kDim 128 no fp32 configuration fits 99 KiB: the kernel stays as it is).
+  // above; fp32 one stage (above kDim 128 none of this file's fp32 tilings fits 99 KiB).
   static constexpr bool kCompact = kCompact_;
+  static constexpr bool kFitsSmallGpus = kTensorCores || kDim <= 128;
   static constexpr int kWarpsKeys = kTensorCores ? (kCompact && kDim > 128 ? 2 : 4) : 2;  // warps along the key tile
   static constexpr int kBlockN = 16 * kWarpsKeys;
   // Warps along the queries (phase 1) and the head dim (phase 2): the dK + dV accumulators are
@@ -258,11 +260,10 @@ template <class T, int kDim_, bool kCompact_>
 struct BackwardQTraits {
   static constexpr bool kTensorCores = sizeof(T) == 2;
   static constexpr int kDim = kDim_;
-  // Compact (99 KiB GPUs): 32-row query tiles for fp16/bf16 above kDim 128, and for fp32 up to kDim 128
-  // with 16-key tiles.
+  // Compact (99 KiB GPUs): 16-key tiles in one stage (the 64-row query tile and its 4 warps stay).
   static constexpr bool kCompact = kCompact_;
-  static constexpr bool kCompactRows = kCompact && (kTensorCores ? kDim > 128 : kDim <= 128);
-  static constexpr int kRowWarps = (!kTensorCores && kDim > 128) || kCompactRows ? 2 : 4;
+  static constexpr bool kFitsSmallGpus = kTensorCores || kDim <= 128;
+  static constexpr int kRowWarps = !kTensorCores && kDim > 128 ? 2 : 4;
   static constexpr int kColSplit = !kTensorCores && kDim > 128 ? 2 : 1;  // as in ForwardTraits
   static constexpr int kOutCols = kDim / kColSplit;
   static constexpr int kWarps = kRowWarps * kColSplit;
@@ -270,8 +271,8 @@ struct BackwardQTraits {
   static constexpr int kBlockM = 16 * kRowWarps;
   // S, dP (kBlockN / 2 floats each per thread) and dQ (kDim / 2) live together: 32 keys per tile, 16
   // above head dim 128 (which keeps ~40 registers of headroom under the 255 limit).
-  static constexpr int kBlockN = kDim <= 128 && !(kCompactRows && !kTensorCores) ? 32 : 16;
-  static constexpr int kStages = 2;
+  static constexpr int kBlockN = kDim <= 128 && !kCompact ? 32 : 16;
+  static constexpr int kStages = kCompact ? 1 : 2;
   static constexpr int kPitch = kDim + 16 / static_cast<int>(sizeof(T));
   static constexpr int kScratchPitch = kBlockN + 4;
   static constexpr size_t kSmemBytes = sizeof(T) * static_cast<size_t>(kPitch) * (2 * kBlockM + 2 * kStages * kBlockN) +

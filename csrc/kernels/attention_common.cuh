@@ -604,6 +604,9 @@ template <template <class, int, bool> class Traits, class T, int kDim, class F>
 void with_tiles(bool masked, F&& f) {
   using Default = Traits<T, kDim, false>;
   using Compact = Traits<T, kDim, true>;
+  static_assert(!Default::kFitsSmallGpus || Default::kSmemBytes + Default::kMaskBytes <= kCompactSmemBytes ||
+                    Compact::kSmemBytes + Compact::kMaskBytes <= kCompactSmemBytes,
+                "a kernel meant to run on 99 KiB GPUs has no configuration that fits them");
   if constexpr (Default::kSmemBytes + Default::kMaskBytes > kCompactSmemBytes &&
                 Compact::kSmemBytes + Compact::kMaskBytes <= kCompactSmemBytes) {
     const size_t need = Default::kSmemBytes + (masked ? Default::kMaskBytes : 0);
@@ -613,7 +616,7 @@ void with_tiles(bool masked, F&& f) {
 }
 
 // Opts `kernel` into `bytes` of dynamic shared memory, or says clearly that this GPU has too little (with
-// 99 KiB per block, the fp32 backward above head dim 128: no fp32 tiling of it fits).
+// 99 KiB per block: the fp32 backward above head dim 128, whose traits say kFitsSmallGpus = false).
 template <class Kernel>
 void prepare_smem(Kernel kernel, size_t bytes, const char* kernel_name, int head_dim) {
   if (bytes <= 48 * 1024) return;

@@ -2,9 +2,10 @@
 // every modifier of attention.h (softcap, ALiBi, boolean/additive masks, sliding windows with either
 // alignment, GQA/MQA, Philox dropout, varlen).
 //
-// Algorithm: FlashAttention-2 (Dao, 2023, arXiv:2307.08691). One block per (64-row Q tile, query head,
-// batch entry); each warp owns 16 query rows. K/V tiles stream through shared memory in a two-stage
-// cp.async pipeline (the next tile loads while this one is used); S = Q Kᵀ and O += P V run on tensor
+// Algorithm: FlashAttention-2 (Dao, 2023, arXiv:2307.08691). One block per (64-row Q tile (32 in fp32's
+// compact configuration at head dim 256), query head, batch entry); each warp owns 16 query rows. K/V
+// tiles stream through shared memory in a two-stage cp.async pipeline (the next tile loads while this one
+// is used); S = Q Kᵀ and O += P V run on tensor
 // cores (mma.sync m16n8k16 with ldmatrix, .trans for V) for fp16/bf16, P staying in registers between
 // the two products; the softmax is online with fp32 running max and sum per row. Tiles a causal or
 // sliding window cannot see are never loaded; only tiles crossing a window edge, the sequence end, or
@@ -32,6 +33,7 @@ struct ForwardTraits {
   // Compact (GPUs with 99 KiB of shared memory per block, attention_common.cuh): key tiles of half the
   // width; fp32 at kDim 256, whose key tiles are already 16 wide, gets 32-row query tiles and one stage.
   static constexpr bool kCompact = kCompact_;
+  static constexpr bool kFitsSmallGpus = true;
   static constexpr bool kCompactRows = kCompact && !kTensorCores && kDim > 128;
   static constexpr int kRowWarps = kCompactRows ? 2 : 4;  // each owns 16 query rows
   // fp32 at kDim 256 splits the output columns between two warps per 16 rows (both compute the same

@@ -675,10 +675,10 @@ void set_device_smem_limit(size_t bytes) {
 size_t device_smem_limit() { return g_device_smem_limit.load(); }
 
 void set_max_dynamic_smem(const void* kernel, size_t bytes) {
-  if (bytes > device_smem_limit())
+  const size_t limit = device_smem_limit();
+  if (bytes > limit)
     throw std::runtime_error("simt emulator: cudaFuncSetAttribute: " + std::to_string(bytes) +
-                             " bytes of dynamic shared memory exceed the device limit of " +
-                             std::to_string(device_smem_limit()));
+                             " bytes of dynamic shared memory exceed the device limit of " + std::to_string(limit));
   std::lock_guard<std::mutex> lock(g_smem_attr_mutex);
   smem_attributes()[kernel] = bytes;
 }
@@ -698,9 +698,10 @@ void run_grid(const LaunchSpec& spec, BodyRef body) {
       auto it = smem_attributes().find(spec.kernel);
       if (it != smem_attributes().end()) allowed = it->second;
     }
-    if (spec.dynamic_smem_bytes > device_smem_limit())
+    const size_t limit = device_smem_limit();
+    if (spec.dynamic_smem_bytes > limit)
       launch_error(spec, std::to_string(spec.dynamic_smem_bytes) + " bytes of dynamic shared memory exceed the device limit of " +
-                             std::to_string(device_smem_limit()));
+                             std::to_string(limit));
     if (spec.dynamic_smem_bytes > allowed)
       launch_error(spec, std::to_string(spec.dynamic_smem_bytes) +
                              " bytes of dynamic shared memory need cudaFuncSetAttribute("
