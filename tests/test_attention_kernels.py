@@ -424,7 +424,7 @@ def test_small_smem_gpu_fp32_wide_heads():
     """fp32 above head dim 128 on a 99 KiB GPU: the forward runs (compact tiles); no fp32 backward tiling
     fits, and the backward says so by name instead of failing the launch."""
     with device_smem_limit(SMALL_SMEM):
-        _, _, grads = check("cuda-emulated", F32, L=40, S=50, E=200, Ev=256, grads=False)
+        check("cuda-emulated", F32, L=40, S=50, E=200, Ev=256, grads=False)
         dev = device_for("cuda-emulated")
         q, k, v = make((1, 2, 40, 200), F32, dev), make((1, 2, 50, 200), F32, dev), make((1, 2, 50, 256), F32, dev)
         out, lse = forward("cuda-emulated", q, k, v, scale=0.1)

@@ -454,23 +454,19 @@ void attention_backward(const AttentionBackwardParams& p, cudaStream_t stream) {
       constexpr int kDim = decltype(dim_tag)::value;
       const bool masked = args.mask_kind != 0;
       if (p.fwd.len_kv > 0 && p.fwd.heads_kv > 0) {
-        attn::with_tiles<attn::BackwardKVTraits, T, kDim>(masked, [&](auto compact_tag) {
-          constexpr bool kCompact = decltype(compact_tag)::value;
-          using Tr = attn::BackwardKVTraits<T, kDim, kCompact>;
+        attn::with_tiles<attn::BackwardKVTraits, T, kDim>("backward (dK, dV)", masked, [&](auto tiles, size_t smem) {
+          using Tr = decltype(tiles);
           const unsigned grid = attn::grid_size((p.fwd.len_kv + Tr::kBlockN - 1) / Tr::kBlockN, p.fwd.heads_kv, p.fwd.batch);
-          const size_t smem = Tr::kSmemBytes + (masked ? Tr::kMaskBytes : 0);
-          attn::prepare_smem(attn::attention_backward_dkdv_kernel<T, kDim, kCompact>, smem, "backward (dK, dV)", kDim);
-          SIMT_LAUNCH((attn::attention_backward_dkdv_kernel<T, kDim, kCompact>), grid, Tr::kThreads, smem, stream, args);
+          attn::prepare_smem(attn::attention_backward_dkdv_kernel<T, kDim, Tr::kCompact>, smem);
+          SIMT_LAUNCH((attn::attention_backward_dkdv_kernel<T, kDim, Tr::kCompact>), grid, Tr::kThreads, smem, stream, args);
         });
       }
       if (p.fwd.len_q > 0 && p.fwd.heads_q > 0) {
-        attn::with_tiles<attn::BackwardQTraits, T, kDim>(masked, [&](auto compact_tag) {
-          constexpr bool kCompact = decltype(compact_tag)::value;
-          using Tr = attn::BackwardQTraits<T, kDim, kCompact>;
+        attn::with_tiles<attn::BackwardQTraits, T, kDim>("backward (dQ)", masked, [&](auto tiles, size_t smem) {
+          using Tr = decltype(tiles);
           const unsigned grid = attn::grid_size((p.fwd.len_q + Tr::kBlockM - 1) / Tr::kBlockM, p.fwd.heads_q, p.fwd.batch);
-          const size_t smem = Tr::kSmemBytes + (masked ? Tr::kMaskBytes : 0);
-          attn::prepare_smem(attn::attention_backward_dq_kernel<T, kDim, kCompact>, smem, "backward (dQ)", kDim);
-          SIMT_LAUNCH((attn::attention_backward_dq_kernel<T, kDim, kCompact>), grid, Tr::kThreads, smem, stream, args);
+          attn::prepare_smem(attn::attention_backward_dq_kernel<T, kDim, Tr::kCompact>, smem);
+          SIMT_LAUNCH((attn::attention_backward_dq_kernel<T, kDim, Tr::kCompact>), grid, Tr::kThreads, smem, stream, args);
         });
       }
     });

@@ -591,42 +591,37 @@ constexpr size_t kMaxSmemBytes = 163 * 1024;
 // picks it on such a GPU.
 constexpr size_t kCompactSmemBytes = 99 * 1024;
 
-template <bool B>
-struct BoolConst {
-  static constexpr bool value = B;
-};
-
-// Calls f(BoolConst<kCompact>) with the tile configuration to launch: the default one, unless it needs more
-// shared memory than this device allows and a compact one exists. Compact kernels are instantiated only
-// where the default exceeds kCompactSmemBytes and the compact one fits it (elsewhere prepare_smem says
-// why nothing fits).
+// Calls f(Tr{}, smem_bytes) with the tile configuration Tr to launch and its dynamic shared memory: the
+// default one, or, when that needs more than this device allows, the compact one. Compact kernels are
+// instantiated only where the default exceeds kCompactSmemBytes and the compact one fits it. When nothing
+// fits (on 99 KiB GPUs: the fp32 backward above head dim 128, whose traits say kFitsSmallGpus = false),
+// says so clearly, naming the kernel.
 template <template <class, int, bool> class Traits, class T, int kDim, class F>
-void with_tiles(bool masked, F&& f) {
+void with_tiles(const char* kernel_name, bool masked, F&& f) {
   using Default = Traits<T, kDim, false>;
   using Compact = Traits<T, kDim, true>;
   static_assert(!Default::kFitsSmallGpus || Default::kSmemBytes + Default::kMaskBytes <= kCompactSmemBytes ||
                     Compact::kSmemBytes + Compact::kMaskBytes <= kCompactSmemBytes,
                 "a kernel meant to run on 99 KiB GPUs has no configuration that fits them");
+  const size_t need = Default::kSmemBytes + (masked ? Default::kMaskBytes : 0);
+  const size_t limit = need > 48 * 1024 ? simt::max_dynamic_smem() : need;
   if constexpr (Default::kSmemBytes + Default::kMaskBytes > kCompactSmemBytes &&
                 Compact::kSmemBytes + Compact::kMaskBytes <= kCompactSmemBytes) {
-    const size_t need = Default::kSmemBytes + (masked ? Default::kMaskBytes : 0);
-    if (need > 48 * 1024 && need > simt::max_dynamic_smem()) return f(BoolConst<true>{});
+    const size_t compact = Compact::kSmemBytes + (masked ? Compact::kMaskBytes : 0);
+    if (need > limit && compact <= limit) return f(Compact{}, compact);
   }
-  f(BoolConst<false>{});
-}
-
-// Opts `kernel` into `bytes` of dynamic shared memory, or says clearly that this GPU has too little (with
-// 99 KiB per block: the fp32 backward above head dim 128, whose traits say kFitsSmallGpus = false).
-template <class Kernel>
-void prepare_smem(Kernel kernel, size_t bytes, const char* kernel_name, int head_dim) {
-  if (bytes <= 48 * 1024) return;
-  const size_t limit = simt::max_dynamic_smem();
-  if (bytes > limit)
+  if (need > limit)
     throw std::invalid_argument(std::string("fusedops: the CUDA attention ") + kernel_name + " kernel for head dim " +
-                                std::to_string(head_dim) + " needs " + std::to_string(bytes / 1024) +
+                                std::to_string(kDim) + " needs " + std::to_string(need / 1024) +
                                 " KiB of shared memory per block, and this GPU allows " + std::to_string(limit / 1024) +
                                 " KiB; use a smaller head dim, 16-bit inputs, or the CPU backend");
-  simt::set_max_dynamic_smem(kernel, bytes);
+  f(Default{}, need);
+}
+
+// Opts `kernel` into `bytes` of dynamic shared memory (with_tiles has checked that the device allows it).
+template <class Kernel>
+void prepare_smem(Kernel kernel, size_t bytes) {
+  if (bytes > 48 * 1024) simt::set_max_dynamic_smem(kernel, bytes);
 }
 
 }  // namespace fusedops::FUSEDOPS_BACKEND::attn

@@ -239,13 +239,11 @@ void attention_forward(const AttentionForwardParams& p, cudaStream_t stream) {
     using T = decltype(type_tag);
     attn::dispatch_head_dim<std::is_same<T, float>::value>(dim, [&](auto dim_tag) {
       constexpr int kDim = decltype(dim_tag)::value;
-      attn::with_tiles<attn::ForwardTraits, T, kDim>(args.mask_kind != 0, [&](auto compact_tag) {
-        constexpr bool kCompact = decltype(compact_tag)::value;
-        using Tr = attn::ForwardTraits<T, kDim, kCompact>;
+      attn::with_tiles<attn::ForwardTraits, T, kDim>("forward", args.mask_kind != 0, [&](auto tiles, size_t smem) {
+        using Tr = decltype(tiles);
         const unsigned grid = attn::grid_size((p.len_q + Tr::kBlockM - 1) / Tr::kBlockM, p.heads_q, p.batch);
-        const size_t smem = Tr::kSmemBytes + (args.mask_kind != 0 ? Tr::kMaskBytes : 0);
-        attn::prepare_smem(attn::attention_forward_kernel<T, kDim, kCompact>, smem, "forward", kDim);
-        SIMT_LAUNCH((attn::attention_forward_kernel<T, kDim, kCompact>), grid, Tr::kThreads, smem, stream, args);
+        attn::prepare_smem(attn::attention_forward_kernel<T, kDim, Tr::kCompact>, smem);
+        SIMT_LAUNCH((attn::attention_forward_kernel<T, kDim, Tr::kCompact>), grid, Tr::kThreads, smem, stream, args);
       });
     });
   });

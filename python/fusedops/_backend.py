@@ -55,6 +55,11 @@ def backend(name: str) -> Iterator[None]:
             _current = previous
 
 
+def capturing() -> bool:
+    """Whether a CUDA graph is being captured on the current stream (ops with host-side state refuse it)."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
 def resolve(op: str, device: torch.device) -> int:
     """The backend code for running `op` on tensors on `device`, under the current selection."""
     name = _current

@@ -172,7 +172,7 @@ def _dropout_seed(dropout_p: float, generator: Optional[torch.Generator]) -> int
     needs no device synchronization even for CUDA inputs). 0 when there is no dropout."""
     if dropout_p == 0.0:
         return 0
-    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+    if _backend.capturing():
         # The key is a kernel argument: a captured graph would replay one dropout mask on every run.
         raise RuntimeError("fusedops: attention with dropout_p > 0 cannot be captured in a CUDA graph (each "
                            "replay would reuse the captured dropout mask); capture with dropout_p=0")

@@ -68,11 +68,6 @@ def _zeros_like_param(p: Tensor, dtype: torch.dtype) -> Tensor:
     return torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
 
 
-def _capturing() -> bool:
-    """Whether a CUDA graph is being captured on the current stream."""
-    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
-
-
 class FusedAdam(torch.optim.Optimizer):
     """torch.optim.Adam with a fused kernel; see the module docstring for the extra options.
 
@@ -364,7 +359,7 @@ class FusedAdam(torch.optim.Optimizer):
         if not per_device:
             return
 
-        capturing = _capturing()
+        capturing = _backend.capturing()
         if capturing and any(isinstance(b, Tensor) and b.device.type != "cpu" for b in group["betas"]):
             raise RuntimeError("fusedops.FusedAdam: betas on the GPU are read on the host at every step, which a CUDA "
                                "graph cannot capture; pass float betas to capture the step")
