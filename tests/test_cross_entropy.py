@@ -366,6 +366,22 @@ def test_fused_gradient_scaled_by_upstream(backend, device):
         close(grad, ref_grad, torch.float32, f"upstream {g}")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_gradient_backward_twice(backend, device, dtype):
+    """A retained graph backpropagated through again with other upstream gradients: the first scales the saved
+    gradient in place (CPU), the later ones must undo that scale, whatever it was (0 is not applied in
+    place)."""
+    x, t = make_inputs(9, 40, dtype, device, ignore="some")
+    for scales in ((0.25, -3.0, 1.0, 0.25), (1.0, 0.5), (0.0, 2.0)):
+        xx = x.detach().clone().requires_grad_(True)
+        loss = fusedops.cross_entropy(xx, t, _grad_mode=1)
+        for g in scales:
+            xx.grad = None
+            loss.backward(torch.tensor(g, dtype=dtype, device=device), retain_graph=True)
+            _, ref_grad = torch_loss_and_grad(x, t, torch.tensor(g, dtype=torch.float64, device=device))
+            close(xx.grad, ref_grad, dtype, f"upstream {g} after {scales}")
+
+
 def test_no_grad_and_detached(backend, device):
     x, t = make_inputs(4, 30, torch.float32, device)
     ref = F.cross_entropy(x.double(), t)
@@ -599,3 +615,77 @@ def test_torch_compile(backend):
                 x2 = x.clone().requires_grad_(True)
                 fn(x2, t).backward()
                 close(mode_x.grad, x2.grad, torch.float32, "compiled grad")
+
+
+# ---- the reused gradient buffer (fusedops.empty_cache) ---------------------------------------------------
+# Large CPU gradients go into the previous call's gradient buffer once nothing refers to it: the suite's
+# poisoning fills a reused buffer with NaN too, so a stale element from the previous call shows.
+
+REUSE_ROWS, REUSE_CLASSES = 256, 33000  # 33.8 MB of fp32: above the 32 MiB threshold
+
+
+@pytest.mark.parametrize("grad_mode", [0, 1])
+def test_gradient_buffer_reused_only_when_free(grad_mode):
+    fusedops.empty_cache()
+    assert fusedops.cached_bytes() == 0
+    x, t = make_inputs(REUSE_ROWS, REUSE_CLASSES, torch.float32, "cpu", ignore="some")
+    # An upstream gradient of 1 for the fused gradient (grad_mode 1), which is then passed on as it is.
+    g = torch.tensor(1.0, dtype=torch.float64) if grad_mode == 1 else upstream(torch.empty(REUSE_ROWS))
+    reduction = "mean" if grad_mode == 1 else "none"
+    _, expected = torch_loss_and_grad(x, t, g, reduction=reduction)
+
+    _, first, _ = fused_loss_and_grad(x, t, grad_mode, g, reduction=reduction)
+    close(first, expected, torch.float32, "first grad")
+    assert fusedops.cached_bytes() == first.nbytes
+    kept = first.clone()
+
+    # Still referenced (by `first`, or by a view of it alone): a fresh buffer, and the old one untouched.
+    _, second, _ = fused_loss_and_grad(x, t, grad_mode, g, reduction=reduction)
+    assert second.data_ptr() != first.data_ptr()
+    assert torch.equal(first, kept)
+    row = second[3]
+    second_ptr = second.data_ptr()
+    del first, second
+    _, third, _ = fused_loss_and_grad(x, t, grad_mode, g, reduction=reduction)
+    assert third.data_ptr() != second_ptr
+    assert torch.equal(row, kept[3])
+    close(third, expected, torch.float32, "third grad")
+
+    # Free: reused, and written in full.
+    third_ptr = third.data_ptr()
+    del third, row
+    _, fourth, _ = fused_loss_and_grad(x, t, grad_mode, g, reduction=reduction)
+    assert fourth.data_ptr() == third_ptr
+    close(fourth, expected, torch.float32, "grad in the reused buffer")
+
+    fusedops.empty_cache()
+    assert fusedops.cached_bytes() == 0
+    close(fourth, expected, torch.float32, "grad after empty_cache")  # the caller's tensor keeps its memory
+
+
+def test_gradient_buffer_size_rules():
+    """Reused for a gradient at most a quarter smaller than the buffer (no larger); otherwise replaced."""
+    fusedops.empty_cache()
+    one = torch.tensor(1.0, dtype=torch.float64)
+    x, t = make_inputs(330, REUSE_CLASSES, torch.float32, "cpu")
+
+    def grad_of(rows, dtype=torch.float32):
+        _, grad, _ = fused_loss_and_grad(x[:rows].to(dtype), t[:rows], 1, one)
+        _, expected = torch_loss_and_grad(x[:rows].to(dtype), t[:rows], one)
+        close(grad, expected, dtype, f"grad of {rows} rows")
+        return grad.data_ptr(), grad.nbytes
+
+    ptr, nbytes = grad_of(330)
+    assert fusedops.cached_bytes() == nbytes
+    # bf16 of the same shape: under the 32 MiB threshold, so a plain allocation; the buffer stays.
+    grad_of(330, torch.bfloat16)
+    assert fusedops.cached_bytes() == nbytes
+    # 256 rows need 78% of the buffer: more than a quarter of the request would go unused, so it is replaced.
+    ptr, nbytes = grad_of(256)
+    assert fusedops.cached_bytes() == nbytes
+    # Larger than the buffer: replaced; then a slightly smaller request reuses the larger buffer.
+    ptr, nbytes = grad_of(260)
+    assert fusedops.cached_bytes() == nbytes
+    assert grad_of(256)[0] == ptr and fusedops.cached_bytes() == nbytes
+    fusedops.empty_cache()
+    assert fusedops.cached_bytes() == 0

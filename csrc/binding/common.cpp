@@ -3,11 +3,15 @@
 #include <ATen/MemoryOverlap.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <ATen/ops/set.h>
 #include <c10/core/ScalarType.h>
+#include <c10/util/accumulate.h>
+#include <c10/util/strides.h>
 
 #include <atomic>
 #include <cstdlib>
 #include <limits>
+#include <mutex>
 
 #if defined(__linux__)
 #include <sys/mman.h>
@@ -154,6 +158,54 @@ at::Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
 
 at::Tensor new_output_like(const at::Tensor& t) {
   return poisoned(with_huge_pages(at::empty_like(t, at::MemoryFormat::Contiguous)));
+}
+
+namespace {
+// One CPU buffer kept for reuse_output; its TensorImpl is never handed out (callers get aliases of its
+// storage), so the storage's use count is 1 exactly when no tensor outside this slot refers to it.
+struct ReuseSlot {
+  std::mutex mutex;
+  at::Tensor block;
+};
+ReuseSlot& reuse_slot() {
+  static auto* slot = new ReuseSlot;  // never destroyed: no ordering issue with torch's allocator at exit
+  return *slot;
+}
+constexpr int64_t kReuseMinBytes = int64_t{32} << 20;  // above glibc's largest mmap threshold: always fresh pages
+}  // namespace
+
+at::Tensor reuse_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  const int64_t bytes =
+      c10::multiply_integers(sizes) * static_cast<int64_t>(c10::elementSize(c10::typeMetaToScalarType(options.dtype())));
+  if (!options.device().is_cpu() || bytes < kReuseMinBytes) return new_output(sizes, options);
+  ReuseSlot& slot = reuse_slot();
+  std::lock_guard<std::mutex> lock(slot.mutex);
+  if (slot.block.defined()) {
+    const c10::Storage& storage = slot.block.storage();
+    const auto have = static_cast<int64_t>(storage.nbytes());
+    if (storage.use_count() == 1 && have >= bytes && have - bytes <= bytes / 4) {
+      at::Tensor out = at::empty({0}, options);
+      out.set_(storage, 0, sizes, c10::contiguous_strides(sizes));
+      return poisoned(out);
+    }
+    slot.block = at::Tensor();  // in use, or the wrong size: let it go before allocating the next
+  }
+  slot.block = with_huge_pages(at::empty(sizes, options));
+  at::Tensor out = at::empty({0}, options);
+  out.set_(slot.block.storage(), 0, sizes, c10::contiguous_strides(sizes));
+  return poisoned(out);
+}
+
+int64_t reuse_cache_bytes() {
+  ReuseSlot& slot = reuse_slot();
+  std::lock_guard<std::mutex> lock(slot.mutex);
+  return slot.block.defined() ? static_cast<int64_t>(slot.block.storage().nbytes()) : 0;
+}
+
+void empty_reuse_cache() {
+  ReuseSlot& slot = reuse_slot();
+  std::lock_guard<std::mutex> lock(slot.mutex);
+  slot.block = at::Tensor();
 }
 
 LaunchScope::LaunchScope(Backend b, const at::Tensor& t) {

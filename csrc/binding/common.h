@@ -41,6 +41,15 @@ void check_same_shape(const at::Tensor& t, const at::Tensor& ref, const char* op
 // NaN (floating types) or all-ones bits (integers) first, so any element a kernel fails to write shows.
 at::Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& options);
 at::Tensor new_output_like(const at::Tensor& t);
+// new_output for a large CPU output that a training loop allocates again every step (the logits' gradient):
+// its buffer is kept when the caller lets go of it and handed out again for an output of about the same size
+// (no more than a quarter larger), so the next step writes into pages already mapped. Fresh pages cost as
+// much as the kernel: the OS zeroes each one on first touch (a 500 MiB gradient: ~25 ms here, a quarter of
+// the fused cross-entropy). One buffer is kept, outputs under 32 MiB and non-CPU ones are plain
+// new_output; empty_reuse_cache releases it (fusedops.empty_cache()).
+at::Tensor reuse_output(at::IntArrayRef sizes, const at::TensorOptions& options);
+int64_t reuse_cache_bytes();
+void empty_reuse_cache();
 void set_poison_outputs(bool on);
 bool poison_outputs();
 

@@ -234,7 +234,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_forward(
   Keep keep;
   CrossEntropyParams p =
       prepare(kFwd, b, keep, logits, target, weight, ignore_index, label_smoothing, z_loss, softcap, 0, -1, false);
-  at::Tensor grad = compute_grad ? new_output({p.rows, p.classes}, logits.options())
+  at::Tensor grad = compute_grad ? reuse_output({p.rows, p.classes}, logits.options())
                                  : at::empty({0}, logits.options());
   auto [loss, lse] = forward_into(kFwd, b, p, keep, compute_grad ? grad : at::Tensor(), grad_scale,
                                   to_reduction(reduction, kFwd));
@@ -297,7 +297,7 @@ at::Tensor cross_entropy_backward(const at::Tensor& grad_loss, const std::option
   CrossEntropyParams p = prepare(kBwd, b, keep, logits, target, weight, ignore_index, label_smoothing, z_loss, softcap,
                                  class_offset, total_classes, false);
   prepare_backward(kBwd, p, keep, grad_loss, grad_lse, lse, to_reduction(reduction, kBwd));
-  at::Tensor grad = new_output({p.rows, p.classes}, logits.options());
+  at::Tensor grad = reuse_output({p.rows, p.classes}, logits.options());
   p.grad = grad.data_ptr();
   p.grad_ld = p.classes;
   if (p.rows > 0) dispatch(b, Entry::backward, p, keep.logits);

@@ -83,6 +83,8 @@ PYBIND11_MODULE(_C, m) {
 
   m.def("set_poison_outputs", &fusedops::set_poison_outputs, pybind11::arg("on"));
   m.def("poison_outputs", &fusedops::poison_outputs);
+  m.def("reuse_cache_bytes", &fusedops::reuse_cache_bytes);
+  m.def("empty_reuse_cache", &fusedops::empty_reuse_cache);
 
   m.def("set_simt_schedule", [](const std::string& name, uint64_t seed) {
     fusedops::simt_emu::set_schedule(parse_schedule(name), seed);
