@@ -368,11 +368,11 @@ def test_fused_gradient_scaled_by_upstream(backend, device):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_gradient_backward_twice(backend, device, dtype):
-    """A retained graph backpropagated through again with other upstream gradients: the first scales the saved
-    gradient in place (CPU), the later ones must undo that scale, whatever it was (0 is not applied in
-    place)."""
+    """A retained graph backpropagated through again with other upstream gradients, each gradient on its own
+    and accumulated into .grad: the saved gradient must come out of each backward unchanged (the first one's
+    may be stolen as the leaf's .grad, and accumulation adds into that)."""
     x, t = make_inputs(9, 40, dtype, device, ignore="some")
-    for scales in ((0.25, -3.0, 1.0, 0.25), (1.0, 0.5), (0.0, 2.0)):
+    for scales in ((0.25, -3.0, 1.0, 0.25), (1.0, 0.5, 1.0), (0.0, 2.0)):
         xx = x.detach().clone().requires_grad_(True)
         loss = fusedops.cross_entropy(xx, t, _grad_mode=1)
         for g in scales:
@@ -380,6 +380,11 @@ def test_fused_gradient_backward_twice(backend, device, dtype):
             loss.backward(torch.tensor(g, dtype=dtype, device=device), retain_graph=True)
             _, ref_grad = torch_loss_and_grad(x, t, torch.tensor(g, dtype=torch.float64, device=device))
             close(xx.grad, ref_grad, dtype, f"upstream {g} after {scales}")
+        xx.grad = None
+        for g in scales:
+            loss.backward(torch.tensor(g, dtype=dtype, device=device), retain_graph=True)
+        _, ref_grad = torch_loss_and_grad(x, t, torch.tensor(sum(scales), dtype=torch.float64, device=device))
+        close(xx.grad, ref_grad, dtype, f"accumulated over {scales}")
 
 
 def test_no_grad_and_detached(backend, device):
@@ -619,9 +624,15 @@ def test_torch_compile(backend):
 
 # ---- the reused gradient buffer (fusedops.empty_cache) ---------------------------------------------------
 # Large CPU gradients go into the previous call's gradient buffer once nothing refers to it: the suite's
-# poisoning fills a reused buffer with NaN too, so a stale element from the previous call shows.
+# poisoning fills a reused buffer with NaN too, so a stale element from the previous call shows. Whether a
+# buffer was reused is told by the slot's count of reuses: data_ptr cannot tell, since a freed buffer's pages
+# are often mapped again at the same address.
 
 REUSE_ROWS, REUSE_CLASSES = 256, 33000  # 33.8 MB of fp32: above the 32 MiB threshold
+
+
+def reuses():
+    return fusedops._C.reuse_cache_hits()
 
 
 @pytest.mark.parametrize("grad_mode", [0, 1])
@@ -629,25 +640,25 @@ def test_gradient_buffer_reused_only_when_free(grad_mode):
     fusedops.empty_cache()
     assert fusedops.cached_bytes() == 0
     x, t = make_inputs(REUSE_ROWS, REUSE_CLASSES, torch.float32, "cpu", ignore="some")
-    # An upstream gradient of 1 for the fused gradient (grad_mode 1), which is then passed on as it is.
+    # grad_mode 1 with an upstream gradient of 1 passes the buffer on as it is (else scaled in place).
     g = torch.tensor(1.0, dtype=torch.float64) if grad_mode == 1 else upstream(torch.empty(REUSE_ROWS))
     reduction = "mean" if grad_mode == 1 else "none"
     _, expected = torch_loss_and_grad(x, t, g, reduction=reduction)
 
+    n = reuses()
     _, first, _ = fused_loss_and_grad(x, t, grad_mode, g, reduction=reduction)
     close(first, expected, torch.float32, "first grad")
-    assert fusedops.cached_bytes() == first.nbytes
+    assert fusedops.cached_bytes() == first.nbytes and reuses() == n
     kept = first.clone()
 
     # Still referenced (by `first`, or by a view of it alone): a fresh buffer, and the old one untouched.
     _, second, _ = fused_loss_and_grad(x, t, grad_mode, g, reduction=reduction)
-    assert second.data_ptr() != first.data_ptr()
+    assert reuses() == n and second.data_ptr() != first.data_ptr()
     assert torch.equal(first, kept)
     row = second[3]
-    second_ptr = second.data_ptr()
     del first, second
     _, third, _ = fused_loss_and_grad(x, t, grad_mode, g, reduction=reduction)
-    assert third.data_ptr() != second_ptr
+    assert reuses() == n
     assert torch.equal(row, kept[3])
     close(third, expected, torch.float32, "third grad")
 
@@ -655,7 +666,7 @@ def test_gradient_buffer_reused_only_when_free(grad_mode):
     third_ptr = third.data_ptr()
     del third, row
     _, fourth, _ = fused_loss_and_grad(x, t, grad_mode, g, reduction=reduction)
-    assert fourth.data_ptr() == third_ptr
+    assert reuses() == n + 1 and fourth.data_ptr() == third_ptr
     close(fourth, expected, torch.float32, "grad in the reused buffer")
 
     fusedops.empty_cache()
@@ -663,8 +674,37 @@ def test_gradient_buffer_reused_only_when_free(grad_mode):
     close(fourth, expected, torch.float32, "grad after empty_cache")  # the caller's tensor keeps its memory
 
 
+@pytest.mark.parametrize("holder", ["numpy", "storage", "shared_memory"])
+def test_gradient_buffer_not_reused_while_held_elsewhere(holder):
+    """Holders that are not tensors: a numpy array over the gradient, its Python storage object, and another
+    process (share_memory_ moves the storage to shared memory that a receiver may still map)."""
+    fusedops.empty_cache()
+    x, t = make_inputs(REUSE_ROWS, REUSE_CLASSES, torch.float32, "cpu")
+    one = torch.tensor(1.0, dtype=torch.float64)
+    _, grad, _ = fused_loss_and_grad(x, t, 1, one)
+    kept = grad.clone()
+    n = reuses()
+    if holder == "numpy":
+        held = grad.numpy()
+    elif holder == "storage":
+        held = grad.untyped_storage()
+    else:
+        grad.share_memory_()
+        held = None  # only the shared memory is left, which another process could map
+    del grad
+    _, again, _ = fused_loss_and_grad(x, t, 1, one)
+    assert reuses() == n
+    if holder == "numpy":
+        assert torch.equal(torch.from_numpy(held), kept)
+    elif holder == "storage":
+        assert torch.equal(torch.empty(0).set_(held).view_as(kept), kept)
+    del held
+    fusedops.empty_cache()
+
+
 def test_gradient_buffer_size_rules():
-    """Reused for a gradient at most a quarter smaller than the buffer (no larger); otherwise replaced."""
+    """Reused for a gradient that needs at least 80% of the buffer (the buffer at most a quarter larger than
+    the request); otherwise replaced."""
     fusedops.empty_cache()
     one = torch.tensor(1.0, dtype=torch.float64)
     x, t = make_inputs(330, REUSE_CLASSES, torch.float32, "cpu")
@@ -673,19 +713,21 @@ def test_gradient_buffer_size_rules():
         _, grad, _ = fused_loss_and_grad(x[:rows].to(dtype), t[:rows], 1, one)
         _, expected = torch_loss_and_grad(x[:rows].to(dtype), t[:rows], one)
         close(grad, expected, dtype, f"grad of {rows} rows")
-        return grad.data_ptr(), grad.nbytes
+        return grad.nbytes
 
-    ptr, nbytes = grad_of(330)
+    n = reuses()
+    nbytes = grad_of(330)
     assert fusedops.cached_bytes() == nbytes
     # bf16 of the same shape: under the 32 MiB threshold, so a plain allocation; the buffer stays.
     grad_of(330, torch.bfloat16)
-    assert fusedops.cached_bytes() == nbytes
-    # 256 rows need 78% of the buffer: more than a quarter of the request would go unused, so it is replaced.
-    ptr, nbytes = grad_of(256)
-    assert fusedops.cached_bytes() == nbytes
+    assert fusedops.cached_bytes() == nbytes and reuses() == n
+    # 256 rows need 78% of the buffer: it is replaced.
+    nbytes = grad_of(256)
+    assert fusedops.cached_bytes() == nbytes and reuses() == n
     # Larger than the buffer: replaced; then a slightly smaller request reuses the larger buffer.
-    ptr, nbytes = grad_of(260)
-    assert fusedops.cached_bytes() == nbytes
-    assert grad_of(256)[0] == ptr and fusedops.cached_bytes() == nbytes
+    nbytes = grad_of(260)
+    assert fusedops.cached_bytes() == nbytes and reuses() == n
+    grad_of(256)
+    assert fusedops.cached_bytes() == nbytes and reuses() == n + 1
     fusedops.empty_cache()
     assert fusedops.cached_bytes() == 0

@@ -161,17 +161,37 @@ at::Tensor new_output_like(const at::Tensor& t) {
 }
 
 namespace {
-// One CPU buffer kept for reuse_output; its TensorImpl is never handed out (callers get aliases of its
-// storage), so the storage's use count is 1 exactly when no tensor outside this slot refers to it.
+// The CPU buffer kept for reuse_output. Its TensorImpl is never handed out (callers get other TensorImpls
+// over its storage), so the storage's use count is 1 exactly when no tensor, view, numpy array or Python
+// storage object outside the slot refers to it. `data` and `deleter` identify the allocation: sharing the
+// storage with another process (share_memory_) swaps them, and such memory is never reused.
 struct ReuseSlot {
   std::mutex mutex;
   at::Tensor block;
+  const void* data = nullptr;
+  c10::DeleterFnPtr deleter = nullptr;
+  int64_t hits = 0;  // outputs served from the buffer (for the tests)
 };
 ReuseSlot& reuse_slot() {
   static auto* slot = new ReuseSlot;  // never destroyed: no ordering issue with torch's allocator at exit
   return *slot;
 }
 constexpr int64_t kReuseMinBytes = int64_t{32} << 20;  // above glibc's largest mmap threshold: always fresh pages
+
+bool reusable(const ReuseSlot& slot, int64_t bytes) {
+  const c10::Storage& storage = slot.block.storage();
+  if (storage.use_count() != 1) return false;
+  std::atomic_thread_fence(std::memory_order_acquire);  // the last other holder's writes happen before ours
+  const auto have = static_cast<int64_t>(storage.nbytes());
+  return storage.data() == slot.data && storage.data_ptr().get_deleter() == slot.deleter && storage.resizable() &&
+         have >= bytes && have - bytes <= bytes / 4;
+}
+
+at::Tensor over_storage(const c10::Storage& storage, at::IntArrayRef sizes, const at::TensorOptions& options) {
+  at::Tensor out = at::empty({0}, options);
+  out.set_(storage, 0, sizes, c10::contiguous_strides(sizes));
+  return out;
+}
 }  // namespace
 
 at::Tensor reuse_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
@@ -179,21 +199,20 @@ at::Tensor reuse_output(at::IntArrayRef sizes, const at::TensorOptions& options)
       c10::multiply_integers(sizes) * static_cast<int64_t>(c10::elementSize(c10::typeMetaToScalarType(options.dtype())));
   if (!options.device().is_cpu() || bytes < kReuseMinBytes) return new_output(sizes, options);
   ReuseSlot& slot = reuse_slot();
+  at::Tensor released;  // declared before the lock, so freed after it is let go (freeing may take the GIL)
   std::lock_guard<std::mutex> lock(slot.mutex);
   if (slot.block.defined()) {
-    const c10::Storage& storage = slot.block.storage();
-    const auto have = static_cast<int64_t>(storage.nbytes());
-    if (storage.use_count() == 1 && have >= bytes && have - bytes <= bytes / 4) {
-      at::Tensor out = at::empty({0}, options);
-      out.set_(storage, 0, sizes, c10::contiguous_strides(sizes));
-      return poisoned(out);
+    if (reusable(slot, bytes)) {
+      ++slot.hits;
+      return poisoned(over_storage(slot.block.storage(), sizes, options));
     }
-    slot.block = at::Tensor();  // in use, or the wrong size: let it go before allocating the next
+    released = std::move(slot.block);  // in use, shared or the wrong size: let it go before allocating
+    slot.block = at::Tensor();
   }
   slot.block = with_huge_pages(at::empty(sizes, options));
-  at::Tensor out = at::empty({0}, options);
-  out.set_(slot.block.storage(), 0, sizes, c10::contiguous_strides(sizes));
-  return poisoned(out);
+  slot.data = slot.block.storage().data();
+  slot.deleter = slot.block.storage().data_ptr().get_deleter();
+  return poisoned(over_storage(slot.block.storage(), sizes, options));
 }
 
 int64_t reuse_cache_bytes() {
@@ -202,9 +221,17 @@ int64_t reuse_cache_bytes() {
   return slot.block.defined() ? static_cast<int64_t>(slot.block.storage().nbytes()) : 0;
 }
 
-void empty_reuse_cache() {
+int64_t reuse_cache_hits() {
   ReuseSlot& slot = reuse_slot();
   std::lock_guard<std::mutex> lock(slot.mutex);
+  return slot.hits;
+}
+
+void empty_reuse_cache() {
+  ReuseSlot& slot = reuse_slot();
+  at::Tensor released;
+  std::lock_guard<std::mutex> lock(slot.mutex);
+  released = std::move(slot.block);
   slot.block = at::Tensor();
 }
 

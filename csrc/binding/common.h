@@ -49,6 +49,7 @@ at::Tensor new_output_like(const at::Tensor& t);
 // new_output; empty_reuse_cache releases it (fusedops.empty_cache()).
 at::Tensor reuse_output(at::IntArrayRef sizes, const at::TensorOptions& options);
 int64_t reuse_cache_bytes();
+int64_t reuse_cache_hits();
 void empty_reuse_cache();
 void set_poison_outputs(bool on);
 bool poison_outputs();

@@ -83,8 +83,10 @@ PYBIND11_MODULE(_C, m) {
 
   m.def("set_poison_outputs", &fusedops::set_poison_outputs, pybind11::arg("on"));
   m.def("poison_outputs", &fusedops::poison_outputs);
-  m.def("reuse_cache_bytes", &fusedops::reuse_cache_bytes);
-  m.def("empty_reuse_cache", &fusedops::empty_reuse_cache);
+  // Without the GIL: freeing the buffer may need it, while a kernel that holds the slot's lock runs without it.
+  m.def("reuse_cache_bytes", &fusedops::reuse_cache_bytes, pybind11::call_guard<pybind11::gil_scoped_release>());
+  m.def("reuse_cache_hits", &fusedops::reuse_cache_hits, pybind11::call_guard<pybind11::gil_scoped_release>());
+  m.def("empty_reuse_cache", &fusedops::empty_reuse_cache, pybind11::call_guard<pybind11::gil_scoped_release>());
 
   m.def("set_simt_schedule", [](const std::string& name, uint64_t seed) {
     fusedops::simt_emu::set_schedule(parse_schedule(name), seed);

@@ -53,16 +53,17 @@ def set_cpu_isa(name: str) -> None:
 def empty_cache() -> None:
     """Releases the CPU buffer fusedops keeps for reuse (like torch.cuda.empty_cache()).
 
-    cross_entropy's gradient of large CPU logits (32 MiB and up) is written into the buffer of the previous
-    call's gradient when nothing refers to that any more: a training loop then writes into memory already
-    mapped instead of fresh pages, which the OS zeroes on first touch (a quarter of the op's time at
-    N=4096, V=32000 fp32 on a 2-core EPYC). One buffer is kept; it stays resident between steps, so call
-    this after training (or whenever the memory should go back)."""
+    cross_entropy's gradient of large CPU logits (32 MiB and up) is written into the previous call's
+    gradient buffer when nothing refers to that any more and it is at most a quarter larger than needed: a
+    training loop then writes into memory already mapped instead of fresh pages, which the OS zeroes on
+    first touch (a quarter of the op's time at N=4096, V=32000 fp32 on a 2-core EPYC). One buffer is kept;
+    it stays resident between steps, so call this after training (or whenever the memory should go back).
+    A gradient still alive in the buffer keeps it: this only drops fusedops' own reference."""
     _C.empty_reuse_cache()
 
 
 def cached_bytes() -> int:
-    """Bytes held by the buffer empty_cache() releases (0 when none)."""
+    """Size of the buffer fusedops holds for reuse (0 when none), whether or not a gradient lives in it."""
     return int(_C.reuse_cache_bytes())
 
 

@@ -86,7 +86,6 @@ def _setup_context(ctx, inputs, output):
     ctx.grad_mode = grad_mode
     ctx.args = (ignore_index, reduction, eps, z, cap, backend)
     ctx.consumed = False
-    ctx.applied_scale = None
     ctx.set_materialize_grads(False)
     if grad_mode == GRAD_FUSED:
         ctx.save_for_backward(grad)
@@ -94,27 +93,32 @@ def _setup_context(ctx, inputs, output):
         ctx.save_for_backward(logits, target, weight, lse)
 
 
-def _scale_grad(ctx, grad: Tensor, g: Tensor, reduction: int) -> Tensor:
-    """grad · g, grad the gradient the forward saved (grad_mode 1), g the upstream gradient of the loss (a
+def _graph_retained() -> bool:
+    """Whether the running backward keeps the graph (retain_graph), so that its saved tensors are used again.
+    Unknown (a torch without the query): assumed kept."""
+    query = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    return True if query is None else bool(query())
+
+
+def _scale_grad(grad: Tensor, g: Tensor, reduction: int) -> Tensor:
+    """grad · g: grad the gradient the forward saved (grad_mode 1), g the upstream gradient of the loss (a
     scalar, or one per row for reduction none).
 
-    On the CPU a scalar other than 1 (a loss divided for gradient accumulation, or scaled for mixed precision)
-    scales the saved gradient in place the first time: a product would be one more pass over N×V logits into
-    fresh pages. A later backward through a retained graph finds it scaled by ctx.applied_scale and returns
-    grad · (g / applied_scale), equal to grad · g up to an fp32 rounding. The in-place product goes through
-    .data: the saved tensor's version must not change, or autograd would refuse that later backward."""
-    if reduction != 0 and g.device.type == "cpu" and not torch.compiler.is_compiling():
+    When the graph is not retained this backward is the saved gradient's last use: it is passed on as it is,
+    or scaled in place (a loss divided for gradient accumulation, or scaled for mixed precision), instead of
+    copied, which would be one more pass over N×V logits into fresh pages. When the graph is retained, a later
+    backward needs it again, and whoever receives it may write into it (AccumulateGrad keeps it as a leaf's
+    .grad and adds the next gradient into it), so the caller gets a copy."""
+    if torch.compiler.is_compiling():
+        return grad * g.to(grad.dtype) if reduction != 0 else grad * g.to(grad.dtype).unsqueeze(1)
+    retained = _graph_retained()
+    if reduction != 0 and g.device.type == "cpu":
         value = g.item()  # free on the CPU; a Python scalar also keeps bf16 products in fp32
-        if ctx.applied_scale is None:
-            ctx.applied_scale = 1.0
-            if value != 1.0 and value != 0.0 and math.isfinite(value):
-                grad.data.mul_(value)
-                ctx.applied_scale = value
-        applied = ctx.applied_scale
-        return grad if value == applied else grad * (value / applied)
-    if reduction != 0:
-        return grad * g.to(grad.dtype)
-    return grad * g.to(grad.dtype).unsqueeze(1)
+        if retained:
+            return grad * value
+        return grad if value == 1.0 else grad.mul_(value)
+    scale = g.to(grad.dtype) if reduction != 0 else g.to(grad.dtype).unsqueeze(1)
+    return grad * scale if retained else grad.mul_(scale)
 
 
 def _mark_overwritten(logits: Tensor) -> None:
@@ -135,7 +139,7 @@ def _backward(ctx, g_loss, g_lse, _g_grad):
                 "lse output cannot be differentiated; call it with return_lse=True, which selects grad_mode 0")
         if g_loss is None:
             return (None,) * 11
-        return (_scale_grad(ctx, grad, g_loss, reduction),) + (None,) * 10
+        return (_scale_grad(grad, g_loss, reduction),) + (None,) * 10
     logits, target, weight, lse = ctx.saved_tensors
     if g_loss is None and g_lse is None:
         return (None,) * 11

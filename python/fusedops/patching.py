@@ -146,11 +146,25 @@ class _Patch(contextlib.AbstractContextManager):
         unpatch(*self.names)
 
 
+def _settle_dynamo_rules() -> None:
+    """torch.compile's table of torch functions to keep whole in its graph is filled on first use by looking
+    the functions up by name: filled while patched, it would list our replacements as torch's and put them in
+    the graph as opaque calls instead of tracing through to the fusedops ops. Fill it with torch's own first
+    (importing torch._dynamo, ~2 s once per process on a slow CPU, which torch.compile would pay anyway)."""
+    try:
+        from torch._dynamo import trace_rules
+
+        trace_rules.get_torch_obj_rule_map()
+    except Exception:  # noqa: BLE001 - a torch without this table (or without dynamo) has nothing to settle
+        pass
+
+
 def patch(attention: bool = True, cross_entropy: bool = True) -> _Patch:
     """Route torch.nn.functional.scaled_dot_product_attention and/or cross_entropy through fusedops.
 
     Idempotent. Returns a context manager whose exit undoes what this call patched."""
     names = tuple(n for n, on in (("scaled_dot_product_attention", attention), ("cross_entropy", cross_entropy)) if on)
+    _settle_dynamo_rules()
     done = []
     with _lock:
         for name in names:
