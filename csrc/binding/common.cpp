@@ -199,20 +199,29 @@ at::Tensor reuse_output(at::IntArrayRef sizes, const at::TensorOptions& options)
       c10::multiply_integers(sizes) * static_cast<int64_t>(c10::elementSize(c10::typeMetaToScalarType(options.dtype())));
   if (!options.device().is_cpu() || bytes < kReuseMinBytes) return new_output(sizes, options);
   ReuseSlot& slot = reuse_slot();
-  at::Tensor released;  // declared before the lock, so freed after it is let go (freeing may take the GIL)
-  std::lock_guard<std::mutex> lock(slot.mutex);
+  // Buffers are let go with the lock released (freeing one may take the GIL), and a replaced one before the
+  // next is allocated, so the two never add up.
+  std::unique_lock<std::mutex> lock(slot.mutex);
   if (slot.block.defined()) {
     if (reusable(slot, bytes)) {
       ++slot.hits;
-      return poisoned(over_storage(slot.block.storage(), sizes, options));
+      at::Tensor out = over_storage(slot.block.storage(), sizes, options);
+      lock.unlock();
+      return poisoned(out);
     }
-    released = std::move(slot.block);  // in use, shared or the wrong size: let it go before allocating
-    slot.block = at::Tensor();
+    at::Tensor released = std::move(slot.block);  // in use, shared or the wrong size
+    lock.unlock();
+    released = at::Tensor();
+    lock.lock();
   }
+  at::Tensor displaced = std::move(slot.block);  // another thread's, installed meanwhile
   slot.block = with_huge_pages(at::empty(sizes, options));
   slot.data = slot.block.storage().data();
   slot.deleter = slot.block.storage().data_ptr().get_deleter();
-  return poisoned(over_storage(slot.block.storage(), sizes, options));
+  at::Tensor out = over_storage(slot.block.storage(), sizes, options);
+  lock.unlock();
+  displaced = at::Tensor();
+  return poisoned(out);
 }
 
 int64_t reuse_cache_bytes() {
@@ -229,10 +238,9 @@ int64_t reuse_cache_hits() {
 
 void empty_reuse_cache() {
   ReuseSlot& slot = reuse_slot();
-  at::Tensor released;
+  at::Tensor released;  // declared before the lock: freed after it is let go
   std::lock_guard<std::mutex> lock(slot.mutex);
   released = std::move(slot.block);
-  slot.block = at::Tensor();
 }
 
 LaunchScope::LaunchScope(Backend b, const at::Tensor& t) {

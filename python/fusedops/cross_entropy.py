@@ -87,6 +87,9 @@ def _setup_context(ctx, inputs, output):
     ctx.args = (ignore_index, reduction, eps, z, cap, backend)
     ctx.consumed = False
     ctx.set_materialize_grads(False)
+    # The gradient computed in advance is a constant of the graph: the gradient the backward hands on from it
+    # must not require grad itself (else a double backward through it would get zeros).
+    ctx.mark_non_differentiable(grad)
     if grad_mode == GRAD_FUSED:
         ctx.save_for_backward(grad)
     else:

@@ -150,7 +150,9 @@ def _settle_dynamo_rules() -> None:
     """torch.compile's table of torch functions to keep whole in its graph is filled on first use by looking
     the functions up by name: filled while patched, it would list our replacements as torch's and put them in
     the graph as opaque calls instead of tracing through to the fusedops ops. Fill it with torch's own first
-    (importing torch._dynamo, ~2 s once per process on a slow CPU, which torch.compile would pay anyway)."""
+    (importing torch._dynamo, ~2 s once per process on a slow CPU, which torch.compile would pay anyway).
+    torch.distributed.init_process_group clears the table; refilled while patched, it keeps a replacement
+    whole in the graph again, which still computes the same (AOTAutograd traces through it)."""
     try:
         from torch._dynamo import trace_rules
 
