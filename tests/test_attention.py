@@ -517,6 +517,17 @@ def test_gradcheck_cpu(variant):
         assert torch.autograd.gradcheck(fn, (q, k, v))
 
 
+def test_second_derivative_refused(backend, device):
+    """Differentiable once: with create_graph a second derivative raises (torch's fallback for ops without
+    autograd would warn and leave the path through the backward kernel out of it, silently)."""
+    q, k, v = qkv(1, 2, 1, 7, 9, 16, dtype=F32, device=device)
+    with unimplemented_skips():
+        out = fusedops.scaled_dot_product_attention(q, k.expand(1, 2, 9, 16), v.expand(1, 2, 9, 16))
+    dq, dk, dv = torch.autograd.grad(out.square().sum(), (q, k, v), create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiable once"):
+        torch.autograd.grad((dq * dq).sum() + (dk * dv).sum(), (q, k, v))
+
+
 # ---- determinism -----------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("shape", [(1, 2, 1, 300, 333, 32), (4, 8, 8, 64, 96, 16)], ids=["split_keys", "many_heads"])

@@ -83,3 +83,18 @@ def resolve(op: str, device: torch.device) -> int:
     if code == CUDA and not _C.cuda_compiled():
         raise RuntimeError(f"fusedops.{op}: the cuda backend is not built into this fusedops (see README)")
     return code
+
+
+def differentiable_once(op: str, what: str) -> None:
+    """Gives the backward kernel `op` an autograd formula that refuses to be differentiated. Without one, a
+    double backward (create_graph=True) goes through torch's fallback for ops without autograd, which warns
+    and returns a second derivative that silently leaves out the path through this op."""
+
+    def setup_context(ctx, inputs, output):
+        pass
+
+    def backward(ctx, *grads):
+        raise RuntimeError(f"{what} is differentiable once: a second derivative through its gradient "
+                           "(create_graph=True) is not supported")
+
+    torch.library.register_autograd(op, backward, setup_context=setup_context)

@@ -80,6 +80,7 @@ def _backward(ctx, grad_out, grad_lse):
 
 
 torch.library.register_autograd("fusedops::attention_forward", _backward, setup_context=_setup_context)
+_backend.differentiable_once("fusedops::attention_backward", "fusedops attention")
 
 
 def _additive_mask_grad(grad_out, q, k, v, out, lse, attn_mask, alibi_slopes, max_seqlen_q, max_seqlen_k, scale,

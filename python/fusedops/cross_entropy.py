@@ -165,6 +165,7 @@ def _backward(ctx, g_loss, g_lse, _g_grad):
 
 
 torch.library.register_autograd("fusedops::cross_entropy_forward", _backward, setup_context=_setup_context)
+_backend.differentiable_once("fusedops::cross_entropy_backward", "fusedops.cross_entropy")
 
 
 # ---- argument handling ----------------------------------------------------------------------------------
