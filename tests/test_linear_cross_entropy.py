@@ -119,22 +119,27 @@ def test_upstream_scaling_and_retained_graph(backend, device):
     for g in (1.0, 0.25, -3.0):
         run_both(hidden, weight, bias, target, torch.float32, g=torch.tensor(g, dtype=torch.float64, device=device),
                  chunk_size=5)
+    # A retained graph serves any number of backwards, each with its own upstream gradient, each gradient on
+    # its own or accumulated into .grad (the gradients computed in the forward must come out unchanged).
     h = hidden.clone().requires_grad_(True)
     loss = fusedops.linear_cross_entropy(h, weight, target)
-    loss.backward(retain_graph=True)  # upstream 1: the precomputed gradients are returned as they are
-    first = h.grad.clone()
-    h.grad = None
     loss.backward(retain_graph=True)
-    assert torch.equal(h.grad, first)
-    h.grad = None
-    (loss * 2).backward(retain_graph=True)  # not the first backward: scaled into new buffers
-    close(h.grad, 2 * first, torch.float32, "second backward, upstream 2")
-    h2 = hidden.clone().requires_grad_(True)
-    loss = fusedops.linear_cross_entropy(h2, weight, target)
-    (loss * 2).backward(retain_graph=True)  # the first backward scales the saved gradients in place...
-    close(h2.grad, 2 * first, torch.float32, "first backward, upstream 2")
-    with pytest.raises(RuntimeError, match="already scaled"):  # ...so they cannot serve another backward
-        loss.backward()
+    first = h.grad.clone()
+    for scales in ((1.0, 2.0, 1.0), (2.0, 1.0, -0.5)):
+        h = hidden.clone().requires_grad_(True)
+        loss = fusedops.linear_cross_entropy(h, weight, target)
+        for g in scales:
+            h.grad = None
+            (loss * g).backward(retain_graph=True)
+            close(h.grad, g * first, torch.float32, f"upstream {g} in {scales}")
+        h.grad = None
+        for g in scales:
+            (loss * g).backward(retain_graph=True)
+        close(h.grad, sum(scales) * first, torch.float32, f"accumulated over {scales}")
+    # Not retained: the last use, scaled in place.
+    h = hidden.clone().requires_grad_(True)
+    (fusedops.linear_cross_entropy(h, weight, target) * 2).backward()
+    close(h.grad, 2 * first, torch.float32, "upstream 2, graph freed")
 
 
 def test_deterministic(backend, device):

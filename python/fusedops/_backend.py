@@ -85,6 +85,13 @@ def resolve(op: str, device: torch.device) -> int:
     return code
 
 
+def graph_retained() -> bool:
+    """Whether the running backward keeps the graph (retain_graph), so that its saved tensors are used again.
+    Unknown (a torch without the query): assumed kept."""
+    query = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    return True if query is None else bool(query())
+
+
 def differentiable_once(op: str, what: str) -> None:
     """Gives the backward kernel `op` an autograd formula that refuses to be differentiated. Without one, a
     double backward (create_graph=True) goes through torch's fallback for ops without autograd, which warns

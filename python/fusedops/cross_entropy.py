@@ -96,13 +96,6 @@ def _setup_context(ctx, inputs, output):
         ctx.save_for_backward(logits, target, weight, lse)
 
 
-def _graph_retained() -> bool:
-    """Whether the running backward keeps the graph (retain_graph), so that its saved tensors are used again.
-    Unknown (a torch without the query): assumed kept."""
-    query = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
-    return True if query is None else bool(query())
-
-
 def _scale_grad(grad: Tensor, g: Tensor, reduction: int) -> Tensor:
     """grad · g: grad the gradient the forward saved (grad_mode 1), g the upstream gradient of the loss (a
     scalar, or one per row for reduction none).
@@ -114,7 +107,7 @@ def _scale_grad(grad: Tensor, g: Tensor, reduction: int) -> Tensor:
     .grad and adds the next gradient into it), so the caller gets a copy."""
     if torch.compiler.is_compiling():
         return grad * g.to(grad.dtype) if reduction != 0 else grad * g.to(grad.dtype).unsqueeze(1)
-    retained = _graph_retained()
+    retained = _backend.graph_retained()
     if reduction != 0 and g.device.type == "cpu":
         value = g.item()  # free on the CPU; a Python scalar also keeps bf16 products in fp32
         if retained:

@@ -121,8 +121,6 @@ class _LinearCrossEntropy(torch.autograd.Function):
             torch.distributed.all_reduce(dh, group=group)
         ctx.fused = fused
         ctx.args = (ignore_index, reduction, eps, z, cap, chunk_rows, group, backend, offset, total)
-        ctx.scaled = False
-        ctx.calls = 0
         ctx.set_materialize_grads(False)
         ctx.bias_dtype = bias.dtype if bias is not None else None
         if not want_lse:
@@ -140,26 +138,24 @@ class _LinearCrossEntropy(torch.autograd.Function):
         if g_loss is None and g_lse is None:
             return (None, None, None) + none
         if ctx.fused:
-            # g_lse, when present, is zeros: without return_lse the lse never reaches the caller.
-            if ctx.scaled:
-                raise RuntimeError("fusedops.linear_cross_entropy: the gradients computed in the forward were "
-                                   "already scaled in place by the first backward through this graph (an upstream "
-                                   "gradient other than 1), so they cannot serve another one")
-            first = ctx.calls == 0
-            ctx.calls += 1
-            dh, dw, db = ctx.saved_tensors
-            one = g_loss.device.type == "cpu" and not torch.compiler.is_compiling() and g_loss.item() == 1.0
-            grads = [dh, dw, db]
-            if not one:
-                if first:
-                    # This node's own buffers, not handed out yet: scaled in place, so the weight gradient
-                    # needs no second copy.
-                    ctx.scaled = True
-                    for t in grads:
-                        if t is not None:
-                            t.mul_(g_loss.to(t.dtype))
+            # g_lse, when present, is zeros: without return_lse the lse never reaches the caller. The gradients
+            # computed in the forward are passed on as they are, or scaled in place (the weight gradient needs no
+            # second copy), unless the graph is retained: then a later backward needs them again, and whoever
+            # receives them may write into them (AccumulateGrad keeps them as .grad and adds into them).
+            grads = ctx.saved_tensors
+            in_place = not _backend.graph_retained() and not torch.compiler.is_compiling()
+            if g_loss.device.type == "cpu" and not torch.compiler.is_compiling():
+                scale = g_loss.item()
+                if scale == 1.0 and in_place:
+                    pass
+                elif in_place:
+                    grads = [t.mul_(scale) if t is not None else None for t in grads]
                 else:
-                    grads = [t * g_loss.to(t.dtype) if t is not None else None for t in grads]
+                    grads = [t * scale if t is not None else None for t in grads]
+            elif in_place:
+                grads = [t.mul_(g_loss.to(t.dtype)) if t is not None else None for t in grads]
+            else:
+                grads = [t * g_loss.to(t.dtype) if t is not None else None for t in grads]
             dh, dw, db = grads
             return (dh, dw, db.to(ctx.bias_dtype) if db is not None else None) + none
         hidden, weight, bias, target, class_weight, lse_all, denom = ctx.saved_tensors
