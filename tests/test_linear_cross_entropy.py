@@ -142,6 +142,16 @@ def test_upstream_scaling_and_retained_graph(backend, device):
     close(h.grad, 2 * first, torch.float32, "upstream 2, graph freed")
 
 
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_second_derivative_refused(backend, device, reduction):
+    hidden, weight, bias, target = problem(6, 8, 11, device)
+    h, w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+    gh, gw = torch.autograd.grad(fusedops.linear_cross_entropy(h, w, target, reduction=reduction).sum(), (h, w),
+                                 create_graph=True)
+    with pytest.raises(RuntimeError, match="does not require grad|differentiate"):
+        torch.autograd.grad((gh * gh).sum() + (gw * gw).sum(), (h, w))
+
+
 def test_deterministic(backend, device):
     hidden, weight, bias, target = problem(64 if backend == "cpu" else 24, 32, 257, device)
     grads = []

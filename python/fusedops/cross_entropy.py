@@ -18,6 +18,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from . import _backend
 from ._autocast import cast_float32
@@ -308,6 +309,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         return reduce_loss(loss_rows, denom, reduction), lse
 
     @staticmethod
+    @once_differentiable  # a second derivative raises, as for the unsharded op
     def backward(ctx, g_loss, g_lse):
         ignore_index, reduction, eps, z, cap, offset, total, backend, inplace = ctx.args
         logits, target, weight, lse = ctx.saved_tensors

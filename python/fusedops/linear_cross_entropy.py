@@ -16,6 +16,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from . import _backend
 from ._autocast import autocast_dtype, cast_lower
@@ -132,6 +133,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return reduce_loss(loss_rows, denom, reduction), lse_all
 
     @staticmethod
+    @once_differentiable  # a second derivative raises (it would need the logits' Hessian)
     def backward(ctx, g_loss, g_lse):
         ignore_index, reduction, eps, z, cap, chunk_rows, group, backend, offset, total = ctx.args
         none = (None,) * 11
@@ -143,8 +145,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
             # second copy), unless the graph is retained: then a later backward needs them again, and whoever
             # receives them may write into them (AccumulateGrad keeps them as .grad and adds into them).
             grads = ctx.saved_tensors
-            in_place = not _backend.graph_retained() and not torch.compiler.is_compiling()
-            if g_loss.device.type == "cpu" and not torch.compiler.is_compiling():
+            compiling = torch.compiler.is_compiling()  # first: dynamo cannot trace graph_retained()
+            in_place = not compiling and not _backend.graph_retained()
+            if g_loss.device.type == "cpu" and not compiling:
                 scale = g_loss.item()
                 if scale == 1.0 and in_place:
                     pass
