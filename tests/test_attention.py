@@ -525,7 +525,7 @@ def test_second_derivative_refused(backend, device):
         out = fusedops.scaled_dot_product_attention(q, k.expand(1, 2, 9, 16), v.expand(1, 2, 9, 16))
     dq, dk, dv = torch.autograd.grad(out.square().sum(), (q, k, v), create_graph=True)
     with pytest.raises(RuntimeError, match="differentiable once"):
-        torch.autograd.grad((dq * dq).sum() + (dk * dv).sum(), (q, k, v))
+        torch.autograd.grad((dq * dq).sum() + (dk * dv).sum() + (q * q).sum(), (q, k, v))
 
 
 # ---- determinism -----------------------------------------------------------------------------------------

@@ -92,6 +92,15 @@ def graph_retained() -> bool:
     return True if query is None else bool(query())
 
 
+def refuse_create_graph(what: str) -> None:
+    """For a backward whose gradients are constants of the graph (computed in the forward, or under no_grad):
+    with create_graph=True (the only way grad mode is on in a backward) a second derivative through them
+    would silently leave their dependence on the inputs out, so refuse it."""
+    if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        raise RuntimeError(f"{what} is differentiable once: its backward cannot build a graph for a second "
+                           "derivative (create_graph=True)")
+
+
 def differentiable_once(op: str, what: str) -> None:
     """Gives the backward kernel `op` an autograd formula that refuses to be differentiated. Without one, a
     double backward (create_graph=True) goes through torch's fallback for ops without autograd, which warns

@@ -18,7 +18,6 @@ from typing import Optional
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from . import _backend
 from ._autocast import cast_float32
@@ -129,6 +128,7 @@ def _mark_overwritten(logits: Tensor) -> None:
 def _backward(ctx, g_loss, g_lse, _g_grad):
     ignore_index, reduction, eps, z, cap, backend = ctx.args
     if ctx.grad_mode == GRAD_FUSED:
+        _backend.refuse_create_graph("fusedops.cross_entropy")
         (grad,) = ctx.saved_tensors
         if g_lse is not None:
             raise RuntimeError(
@@ -309,8 +309,8 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         return reduce_loss(loss_rows, denom, reduction), lse
 
     @staticmethod
-    @once_differentiable  # a second derivative raises, as for the unsharded op
     def backward(ctx, g_loss, g_lse):
+        _backend.refuse_create_graph("fusedops.cross_entropy")
         ignore_index, reduction, eps, z, cap, offset, total, backend, inplace = ctx.args
         logits, target, weight, lse = ctx.saved_tensors
         if g_loss is None and g_lse is None:
