@@ -92,6 +92,29 @@ def graph_retained() -> bool:
     return True if query is None else bool(query())
 
 
+def scale_saved_gradients(grads, g: torch.Tensor) -> list:
+    """grads · g for gradients a forward computed in advance and saved (None entries pass through), g the
+    upstream gradient: a 0-dim tensor, or one that broadcasts against them.
+
+    When the graph is not retained this backward is their last use: they are passed on as they are, or scaled
+    in place (a loss divided for gradient accumulation, or scaled for mixed precision), instead of copied,
+    which would be one more pass over them into fresh pages. When it is retained, a later backward needs them
+    again, and whoever receives them may write into them (AccumulateGrad keeps them as .grad and adds into
+    them), so the caller gets copies. A 0-dim g on the CPU is read as a Python scalar (free there; it also
+    keeps 16-bit products in fp32)."""
+    compiling = torch.compiler.is_compiling()  # first: dynamo cannot trace graph_retained()
+    in_place = not compiling and not graph_retained()
+    scale = g.item() if g.dim() == 0 and g.device.type == "cpu" and not compiling else None
+    if scale == 1.0 and in_place:
+        return list(grads)
+
+    def scaled(t: torch.Tensor) -> torch.Tensor:
+        factor = scale if scale is not None else g.to(t.dtype)
+        return t.mul_(factor) if in_place else t * factor
+
+    return [None if t is None else scaled(t) for t in grads]
+
+
 def refuse_create_graph(what: str) -> None:
     """For a backward whose gradients are constants of the graph (computed in the forward, or under no_grad):
     with create_graph=True (the only way grad mode is on in a backward) a second derivative through them

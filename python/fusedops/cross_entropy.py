@@ -87,34 +87,13 @@ def _setup_context(ctx, inputs, output):
     ctx.args = (ignore_index, reduction, eps, z, cap, backend)
     ctx.consumed = False
     ctx.set_materialize_grads(False)
-    # The gradient computed in advance is a constant of the graph: the gradient the backward hands on from it
-    # must not require grad itself (else a double backward through it would get zeros).
+    # The gradient computed in advance is a constant of the graph: what the backward hands on from it must
+    # not require grad (a second derivative through it is refused, _backend.refuse_create_graph).
     ctx.mark_non_differentiable(grad)
     if grad_mode == GRAD_FUSED:
         ctx.save_for_backward(grad)
     else:
         ctx.save_for_backward(logits, target, weight, lse)
-
-
-def _scale_grad(grad: Tensor, g: Tensor, reduction: int) -> Tensor:
-    """grad · g: grad the gradient the forward saved (grad_mode 1), g the upstream gradient of the loss (a
-    scalar, or one per row for reduction none).
-
-    When the graph is not retained this backward is the saved gradient's last use: it is passed on as it is,
-    or scaled in place (a loss divided for gradient accumulation, or scaled for mixed precision), instead of
-    copied, which would be one more pass over N×V logits into fresh pages. When the graph is retained, a later
-    backward needs it again, and whoever receives it may write into it (AccumulateGrad keeps it as a leaf's
-    .grad and adds the next gradient into it), so the caller gets a copy."""
-    if torch.compiler.is_compiling():
-        return grad * g.to(grad.dtype) if reduction != 0 else grad * g.to(grad.dtype).unsqueeze(1)
-    retained = _backend.graph_retained()
-    if reduction != 0 and g.device.type == "cpu":
-        value = g.item()  # free on the CPU; a Python scalar also keeps bf16 products in fp32
-        if retained:
-            return grad * value
-        return grad if value == 1.0 else grad.mul_(value)
-    scale = g.to(grad.dtype) if reduction != 0 else g.to(grad.dtype).unsqueeze(1)
-    return grad * scale if retained else grad.mul_(scale)
 
 
 def _mark_overwritten(logits: Tensor) -> None:
@@ -136,7 +115,8 @@ def _backward(ctx, g_loss, g_lse, _g_grad):
                 "lse output cannot be differentiated; call it with return_lse=True, which selects grad_mode 0")
         if g_loss is None:
             return (None,) * 11
-        return (_scale_grad(grad, g_loss, reduction),) + (None,) * 10
+        (grad,) = _backend.scale_saved_gradients([grad], g_loss if reduction != 0 else g_loss.unsqueeze(1))
+        return (grad,) + (None,) * 10
     logits, target, weight, lse = ctx.saved_tensors
     if g_loss is None and g_lse is None:
         return (None,) * 11

@@ -139,25 +139,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
         if g_loss is None and g_lse is None:
             return (None, None, None) + none
         if ctx.fused:
-            # g_lse, when present, is zeros: without return_lse the lse never reaches the caller. The gradients
-            # computed in the forward are passed on as they are, or scaled in place (the weight gradient needs no
-            # second copy), unless the graph is retained: then a later backward needs them again, and whoever
-            # receives them may write into them (AccumulateGrad keeps them as .grad and adds into them).
-            grads = ctx.saved_tensors
-            compiling = torch.compiler.is_compiling()  # first: dynamo cannot trace graph_retained()
-            in_place = not compiling and not _backend.graph_retained()
-            if g_loss.device.type == "cpu" and not compiling:
-                scale = g_loss.item()
-                if scale == 1.0 and in_place:
-                    pass
-                elif in_place:
-                    grads = [t.mul_(scale) if t is not None else None for t in grads]
-                else:
-                    grads = [t * scale if t is not None else None for t in grads]
-            elif in_place:
-                grads = [t.mul_(g_loss.to(t.dtype)) if t is not None else None for t in grads]
-            else:
-                grads = [t * g_loss.to(t.dtype) if t is not None else None for t in grads]
+            # g_lse, when present, is zeros: without return_lse the lse never reaches the caller.
+            grads = _backend.scale_saved_gradients(ctx.saved_tensors, g_loss)
             dh, dw, db = grads
             return (dh, dw, db.to(ctx.bias_dtype) if db is not None else None) + none
         hidden, weight, bias, target, class_weight, lse_all, denom = ctx.saved_tensors
