@@ -283,6 +283,51 @@ def test_nan_and_inf_propagate_as_torch(backend, device, label_smoothing):
         assert (grad[3, 3:9] == 0).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_16bit_gradients_rounded_to_nearest(backend, device, dtype):
+    """16-bit gradients are the exact gradient rounded to nearest: at most one unit in the last place off
+    the float64 reference rounded to the dtype (our exp is not exact either), and nearly all equal to it. A
+    gradient rounded by truncation, or twice, misses the second bound by far. Upstream gradient 1 keeps
+    the fused gradient unscaled; the rows are long enough for the streaming stores on the CPU."""
+    rows, classes = (4, 1000) if backend != "cpu" else (64, 70001)
+    x, t = make_inputs(rows, classes, dtype, device)
+    for mode in GRAD_MODES:
+        _, grad, _ = fused_loss_and_grad(x, t, mode, g=torch.ones((), dtype=torch.float64), reduction="sum")
+        _, ref = torch_loss_and_grad(x, t, torch.ones((), dtype=torch.float64), reduction="sum")
+        expected = ref.to(dtype)
+        # Distance in representable values: the bit patterns of same-signed 16-bit floats are ordered.
+        bits = lambda v: v.cpu().view(torch.int16).to(torch.int32)
+        same_sign = torch.sign(grad.cpu().float()) * torch.sign(expected.cpu().float()) >= 0
+        ulps = (bits(grad) - bits(expected)).abs()
+        assert same_sign.all() and ulps.max().item() <= 1, f"grad_mode {mode}: {ulps.max().item()} ulps off"
+        assert (ulps == 0).float().mean().item() > 0.99, f"grad_mode {mode}: {(ulps != 0).sum().item()} rounded off"
+
+
+def test_nan_payloads_stay_nan_in_16bit_gradients(backend, device):
+    """A class weight, or an upstream gradient of the (fp32) logsumexp, that is a NaN with payload bits
+    arithmetic never makes still gives NaN gradients in bf16, where a cheap fp32 -> bf16 rounding would
+    carry it into inf or a zero."""
+    odd_nans = torch.tensor([0x7FFFFFFF, 0x7F800001, -1], dtype=torch.int32).view(torch.float32)
+    assert torch.isnan(odd_nans).all()
+    x, t = make_inputs(6, 300, torch.bfloat16, device)
+    for mode in GRAD_MODES:
+        for odd in odd_nans:  # assigned as tensors: a Python float would come back a plain NaN
+            w = torch.rand(300) + 0.5
+            w[t[4]] = odd
+            _, grad, _ = fused_loss_and_grad(x, t, mode, weight=w.to(device), reduction="sum")
+            assert torch.isnan(grad[4]).all(), f"grad_mode {mode}: row 4 of the gradient is not all NaN"
+            assert torch.isfinite(grad[[0, 1, 2, 3, 5]]).all()
+            if mode == 1:
+                continue  # the gradient made in the forward cannot take the lse's
+            xx = x.detach().clone().requires_grad_(True)
+            loss, lse = fusedops.cross_entropy(xx, t, reduction="none", return_lse=True, _grad_mode=mode)
+            g_lse = torch.rand(6, dtype=torch.float32)
+            g_lse[1] = odd
+            torch.autograd.backward([loss, lse], [torch.ones_like(loss), g_lse.to(device)])
+            assert torch.isnan(xx.grad[1]).all(), f"grad_mode {mode}: row 1 of the gradient is not all NaN"
+            assert torch.isfinite(xx.grad[[0, 2, 3, 4, 5]]).all()
+
+
 def test_ignored_rows_skip_their_logits(backend, device):
     """Ignored tokens cost no softmax work, so their logits are not even looked at: NaN there changes
     nothing (torch's gradient for such rows is NaN, an artifact of its log_softmax backward)."""

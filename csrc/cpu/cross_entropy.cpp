@@ -74,8 +74,9 @@ inline vfloat load_n(const T* p, int n, float fill = 0.0f) {
   return n == kLanes ? load(p) : load_partial(p, n, fill);
 }
 
-// Non-temporal store of a whole vector to an address aligned to its size.
-template <class T>
+// Non-temporal store of a whole vector to an address aligned to its size (16-bit types rounded by store_lean
+// when kLean).
+template <class T, bool kLean = false>
 inline void store_stream(T* p, vfloat v) {
 #if defined(__AVX512F__)
   if constexpr (sizeof(T) == 4) {
@@ -85,7 +86,11 @@ inline void store_stream(T* p, vfloat v) {
   } else {
     __m256i h;
     T tmp[kLanes];
-    store(tmp, v);
+    if constexpr (kLean) {
+      store_lean(tmp, v);
+    } else {
+      store(tmp, v);
+    }
     std::memcpy(&h, tmp, sizeof h);
     _mm256_stream_si256(reinterpret_cast<__m256i*>(p), h);
   }
@@ -97,7 +102,11 @@ inline void store_stream(T* p, vfloat v) {
   } else {
     __m128i h;
     T tmp[kLanes];
-    store(tmp, v);
+    if constexpr (kLean) {
+      store_lean(tmp, v);
+    } else {
+      store(tmp, v);
+    }
     std::memcpy(&h, tmp, sizeof h);
     _mm_stream_si128(reinterpret_cast<__m128i*>(p), h);
   }
@@ -106,11 +115,17 @@ inline void store_stream(T* p, vfloat v) {
     __m128 f;
     std::memcpy(&f, &v, sizeof f);
     _mm_stream_ps(reinterpret_cast<float*>(p), f);
+  } else if constexpr (kLean) {
+    store_lean(p, v);
   } else {
     store(p, v);
   }
 #else
-  store(p, v);
+  if constexpr (kLean) {
+    store_lean(p, v);
+  } else {
+    store(p, v);
+  }
 #endif
 }
 
@@ -193,6 +208,11 @@ GradCoef<Acc> grad_coef(const Problem<Acc>& pr, Acc gl, Acc glse, Acc lse, Acc w
   if (pr.z > 0) a += Acc(2) * pr.z * lse;
   k.a = gl * a + glse;
   k.b_smooth = gl * pr.eps / pr.total;
+  if constexpr (std::is_same<Acc, float>::value) {  // the gradient loops' store_lean needs plain NaNs
+    k.a = canonical_nan(k.a);
+    k.b_target = canonical_nan(k.b_target);
+    k.b_smooth = canonical_nan(k.b_smooth);
+  }
   return k;
 }
 
@@ -279,13 +299,14 @@ inline void prefetch_vectors(const T* p) {
 }
 template <class T, bool kBuffered, bool kKeep>
 inline float chunk_exp_sum(const float* src, int64_t len, float ref, float* keep, const T* ahead) {
-  vfloat acc0 = vbroadcast(0.0f), acc1 = acc0;
+  // One accumulator: a second one would be spilled (the exp's constants take most of AVX2's 16 registers)
+  // and its chain then runs through memory.
+  vfloat acc = vbroadcast(0.0f);
   int64_t i = 0;
   for (; i + 2 * kLanes <= len; i += 2 * kLanes) {
     prefetch_vectors(ahead + i);
     const vfloat e0 = exp_shifted<T>(load(src + i), ref), e1 = exp_shifted<T>(load(src + i + kLanes), ref);
-    acc0 += e0;
-    acc1 += e1;
+    acc += e0 + e1;
     if constexpr (kKeep) {
       store(keep + i, e0);
       store(keep + i + kLanes, e1);
@@ -295,10 +316,10 @@ inline float chunk_exp_sum(const float* src, int64_t len, float ref, float* keep
     const vfloat x = kBuffered || i + kLanes <= len ? load(src + i)
                                                     : load_partial(src + i, static_cast<int>(len - i), -kInf);
     const vfloat e = exp_shifted<T>(x, ref);
-    acc0 += e;
+    acc += e;
     if constexpr (kKeep) store(keep + i, e);
   }
-  return hsum(acc0 + acc1);
+  return hsum(acc);
 }
 
 // One read of the row: chunk maxima and exp sums, Σ w_c y_c when `want_smooth`, the exps (and tanhs) kept
@@ -375,12 +396,14 @@ RowSums row_sweep(const T* x, int64_t classes, int64_t head, const Problem<float
   return r;
 }
 
-template <class T>
+template <class T, bool kLean = false>
 inline void store_grad(T* g, vfloat v, int n, bool stream) {
   if (n < kLanes) {
     store_partial(g, v, n);
   } else if (stream) {
-    store_stream(g, v);
+    store_stream<T, kLean>(g, v);
+  } else if constexpr (kLean) {
+    store_lean(g, v);
   } else {
     store(g, v);
   }
@@ -411,7 +434,8 @@ int64_t aligned_head(const T* g, int64_t classes) {
 }
 
 // g[start, end) = a·e - b_target·[c = t] (no smoothing, no softcap): the common case's lean loop. The last
-// vector is stored partially; the chunk holds at least one whole vector.
+// vector is stored partially; the chunk holds at least one whole vector. Its NaNs come from 16-bit logits, the
+// hardware or canonical scalars, so store_lean rounds them right.
 template <class T, bool kStream>
 inline void grad_chunk_plain(T* g, const float* e, int64_t start, int64_t end, float a, int64_t t_local,
                              float b_target) {
@@ -421,9 +445,9 @@ inline void grad_chunk_plain(T* g, const float* e, int64_t start, int64_t end, f
     vfloat gv = load(e + i) * va;
     if (t_local - i >= 0 && t_local - i < kLanes) gv = sub_target(gv, i, t_local, b_target);
     if constexpr (kStream) {
-      store_stream(g + i, gv);
+      store_stream<T, true>(g + i, gv);
     } else {
-      store(g + i, gv);
+      store_lean(g + i, gv);
     }
   }
   if (i < end) store_partial(g + i, sub_target(load(e + i) * va, i, t_local, b_target), static_cast<int>(end - i));
@@ -479,7 +503,7 @@ void forward_vec(const CrossEntropyParams& p) {
         const ChunkStat& cs = s.stats[chunk];
         // A chunk of -inf logits holds zeros (or NaN); a NaN lse must still make the whole row NaN.
         const float f = std::isnan(lse) ? kNaN : (cs.max == -kInf ? 0.0f : std::exp(cs.ref - lse));
-        const float a = k.a * f;
+        const float a = canonical_nan(k.a * f);
         if (!want_smooth && !th && end - start >= kLanes) {
           if (stream) {
             grad_chunk_plain<T, true>(g, e, start, end, a, t_local, k.b_target);
@@ -669,7 +693,8 @@ void stats_vec(const CrossEntropyParams& p) {
 
 // One row's gradient from its logits and lse (the backward): one read, one exp and one write per logit.
 // Two vectors per step keep two exp chains in flight; the flags are template parameters so that the loop
-// carries no branch but the target's.
+// carries no branch but the target's. Without smoothing, the NaNs that can reach the stores are those of
+// 16-bit logits, the hardware's or canonical scalars (grad_coef), so store_lean rounds them right.
 template <class T, bool kCapped, bool kSmooth>
 void grad_row(const T* x, T* g, int64_t V, const Problem<float>& pr, const float* w_local, const GradCoef<float>& k,
               float lse, int64_t t_local, bool stream) {
@@ -691,12 +716,12 @@ void grad_row(const T* x, T* g, int64_t V, const Problem<float>& pr, const float
   // In place (g == x) both vectors are loaded before either is stored.
   for (; i + 2 * kLanes <= V; i += 2 * kLanes) {
     const vfloat g0 = one(i, kLanes), g1 = one(i + kLanes, kLanes);
-    store_grad(g + i, g0, kLanes, stream);
-    store_grad(g + i + kLanes, g1, kLanes, stream);
+    store_grad<T, !kSmooth>(g + i, g0, kLanes, stream);
+    store_grad<T, !kSmooth>(g + i + kLanes, g1, kLanes, stream);
   }
   for (; i < V; i += kLanes) {
     const int n = static_cast<int>(std::min<int64_t>(kLanes, V - i));
-    store_grad(g + i, one(i, n), n, stream);
+    store_grad<T, !kSmooth>(g + i, one(i, n), n, stream);
   }
 }
 
@@ -724,7 +749,7 @@ void backward_vec(const CrossEntropyParams& p) {
         zero_row(g, V);
         continue;
       }
-      const float lse = lse_in[r];
+      const float lse = canonical_nan(lse_in[r]);
       const float gl = gloss[r * p.grad_loss_stride] * rscale;
       const GradCoef<float> k = grad_coef(pr, gl, glse ? glse[r] : 0.0f, lse, pr.target_weight(t));
       row_fn(logits + r * p.ld, g, V, pr, w_local, k, lse, pr.valid(t) ? t - p.class_offset : -1, stream);
