@@ -124,10 +124,11 @@ def refuse_create_graph(what: str) -> None:
                            "derivative (create_graph=True)")
 
 
-def differentiable_once(op: str, what: str) -> None:
-    """Gives the backward kernel `op` an autograd formula that refuses to be differentiated. Without one, a
-    double backward (create_graph=True) goes through torch's fallback for ops without autograd, which warns
-    and returns a second derivative that silently leaves out the path through this op."""
+def differentiable_once(op: str, what: str):
+    """Gives the backward kernel `op` ("namespace::name") an autograd formula that refuses to be
+    differentiated, and returns its caller (autograd_caller). Without one, a double backward
+    (create_graph=True) goes through torch's fallback for ops without autograd, which warns and returns a
+    second derivative that silently leaves out the path through this op."""
 
     def setup_context(ctx, inputs, output):
         pass
@@ -137,3 +138,36 @@ def differentiable_once(op: str, what: str) -> None:
                            "(create_graph=True) is not supported")
 
     torch.library.register_autograd(op, backward, setup_context=setup_context)
+    namespace, name = op.split("::")
+    return autograd_caller(getattr(getattr(torch.ops, namespace), name), setup_context, backward,
+                           "".join(part.title() for part in name.split("_")))
+
+
+def autograd_caller(op, setup_context, backward, name: str):
+    """A caller for the custom op `op` whose autograd formula (setup_context, backward) is registered with
+    torch.library.register_autograd: eager calls that need a graph go through an autograd.Function with the
+    same formula, calls that need none skip autograd, torch.compile traces the op and its registration.
+
+    Why not the registration alone: torch's wrapper refills the schema's defaults on every call that needs a
+    graph (torch._library.utils.fill_defaults, quadratic in the number of arguments, each access building the
+    schema's pybind objects again): 200-350 µs per call for our 11- and 18-argument ops, more than the
+    kernels themselves at small sizes. Without a graph it still costs tens of µs."""
+
+    def forward(ctx, *args):
+        with torch._C._AutoDispatchBelowAutograd():
+            output = op(*args)
+        setup_context(ctx, args, output)
+        return output
+
+    function = type(name, (torch.autograd.Function,),
+                    {"forward": staticmethod(forward), "backward": staticmethod(backward)})
+
+    def call(*args):
+        if torch.compiler.is_compiling():
+            return op(*args)
+        if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+            return function.apply(*args)
+        with torch._C._AutoDispatchBelowAutograd():
+            return op(*args)
+
+    return call

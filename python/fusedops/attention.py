@@ -25,7 +25,6 @@ from ._autocast import cast_lower
 __all__ = ["scaled_dot_product_attention", "attention", "attention_varlen", "Attention"]
 
 _FWD = torch.ops.fusedops.attention_forward
-_BWD = torch.ops.fusedops.attention_backward
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
@@ -71,7 +70,7 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_out, grad_lse):
     """lse is not differentiable (as in FlashAttention); q, k, v and an additive attn_mask are."""
     q, k, v, out, lse, attn_mask, alibi_slopes, cu_q, cu_k = ctx.saved_tensors
-    dq, dk, dv = _BWD(grad_out, q, k, v, out, lse, attn_mask, alibi_slopes, cu_q, cu_k, *ctx.scalars,
+    dq, dk, dv = _backward_kernel(grad_out, q, k, v, out, lse, attn_mask, alibi_slopes, cu_q, cu_k, *ctx.scalars,
                       ctx.deterministic, ctx.backend)
     dmask = None
     if ctx.needs_input_grad[3]:
@@ -80,7 +79,8 @@ def _backward(ctx, grad_out, grad_lse):
 
 
 torch.library.register_autograd("fusedops::attention_forward", _backward, setup_context=_setup_context)
-_backend.differentiable_once("fusedops::attention_backward", "fusedops attention")
+_forward = _backend.autograd_caller(_FWD, _setup_context, _backward, "AttentionForward")
+_backward_kernel = _backend.differentiable_once("fusedops::attention_backward", "fusedops attention")
 
 
 def _additive_mask_grad(grad_out, q, k, v, out, lse, attn_mask, alibi_slopes, max_seqlen_q, max_seqlen_k, scale,
@@ -229,12 +229,7 @@ def _run(fn, q, k, v, attn_mask, alibi, cu_q, cu_k, max_q, max_k, scale, softcap
     seed = _dropout_seed(dropout_p, generator)
     args = (q, k, v, attn_mask, alibi, cu_q, cu_k, max_q, max_k, scale, softcap, window[0], window[1], bottom_right,
             dropout_p, seed, backend, deterministic)
-    if not torch.compiler.is_compiling() and not (
-            torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, attn_mask))):
-        # Nothing to differentiate: skip the Python autograd wrapper (tens of µs per call).
-        with torch._C._AutoDispatchBelowAutograd():
-            return _FWD(*args)
-    return _FWD(*args)
+    return _forward(*args)
 
 
 # ---- scaled_dot_product_attention ---------------------------------------------------------------------------

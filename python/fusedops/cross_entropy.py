@@ -133,13 +133,15 @@ def _backward(ctx, g_loss, g_lse, _g_grad):
                                        cap, 0, logits.shape[1], backend)
         _mark_overwritten(logits)
         return (logits,) + (None,) * 10
-    grad = _ops().cross_entropy_backward(g_loss, g_lse, logits, target, weight, lse, ignore_index, reduction, eps, z,
-                                         cap, 0, logits.shape[1], backend)
+    grad = _backward_kernel(g_loss, g_lse, logits, target, weight, lse, ignore_index, reduction, eps, z, cap, 0,
+                            logits.shape[1], backend)
     return (grad,) + (None,) * 10
 
 
 torch.library.register_autograd("fusedops::cross_entropy_forward", _backward, setup_context=_setup_context)
-_backend.differentiable_once("fusedops::cross_entropy_backward", "fusedops.cross_entropy")
+_forward = _backend.autograd_caller(torch.ops.fusedops.cross_entropy_forward, _setup_context, _backward,
+                                    "CrossEntropyForward")
+_backward_kernel = _backend.differentiable_once("fusedops::cross_entropy_backward", "fusedops.cross_entropy")
 
 
 # ---- argument handling ----------------------------------------------------------------------------------
@@ -204,7 +206,7 @@ def _flatten(op: str, input: Tensor, target: Tensor, weight: Optional[Tensor], s
         logits = input
     else:
         logits = input.movedim(1, -1).reshape(-1, classes)
-    return logits, target.reshape(-1).long(), weight
+    return logits, (target if target.dim() == 1 else target.reshape(-1)).long(), weight
 
 
 def _options(op, reduction, label_smoothing, z_loss, softcap, ignore_index):
@@ -307,7 +309,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
             _ops().cross_entropy_backward_(*args)
             _mark_overwritten(logits)
             return (logits,) + (None,) * 10
-        return (_ops().cross_entropy_backward(*args),) + (None,) * 10
+        return (_backward_kernel(*args),) + (None,) * 10
 
 
 # ---- the public API ---------------------------------------------------------------------------------------
@@ -370,9 +372,9 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
             mode = GRAD_RECOMPUTE  # strided classes: the gradient gets its own buffer
         if not needs_grad and mode == GRAD_FUSED:
             mode = GRAD_RECOMPUTE
-        loss, lse, _grad = _ops().cross_entropy_forward(logits, tgt, weight, None, ignore_index, red, eps, z, cap,
-                                                        mode, backend)
-    loss = loss.to(input.dtype)
+        loss, lse, _grad = _forward(logits, tgt, weight, None, ignore_index, red, eps, z, cap, mode, backend)
+    if loss.dtype != input.dtype:
+        loss = loss.to(input.dtype)
     if red == 0:
         loss = loss.reshape(out_shape)
     if return_lse:
