@@ -74,8 +74,8 @@ inline vfloat load_n(const T* p, int n, float fill = 0.0f) {
   return n == kLanes ? load(p) : load_partial(p, n, fill);
 }
 
-// Non-temporal store of a whole vector to an address aligned to its size (16-bit types rounded by store_lean
-// when kLean).
+// Non-temporal store of a whole vector to an address aligned to its size (bf16 rounded by store_lean when
+// kLean).
 template <class T, bool kLean = false>
 inline void store_stream(T* p, vfloat v) {
 #if defined(__AVX512F__)
@@ -86,11 +86,7 @@ inline void store_stream(T* p, vfloat v) {
   } else {
     __m256i h;
     T tmp[kLanes];
-    if constexpr (kLean) {
-      store_lean(tmp, v);
-    } else {
-      store(tmp, v);
-    }
+    store_maybe_lean<kLean>(tmp, v);
     std::memcpy(&h, tmp, sizeof h);
     _mm256_stream_si256(reinterpret_cast<__m256i*>(p), h);
   }
@@ -102,11 +98,7 @@ inline void store_stream(T* p, vfloat v) {
   } else {
     __m128i h;
     T tmp[kLanes];
-    if constexpr (kLean) {
-      store_lean(tmp, v);
-    } else {
-      store(tmp, v);
-    }
+    store_maybe_lean<kLean>(tmp, v);
     std::memcpy(&h, tmp, sizeof h);
     _mm_stream_si128(reinterpret_cast<__m128i*>(p), h);
   }
@@ -115,17 +107,11 @@ inline void store_stream(T* p, vfloat v) {
     __m128 f;
     std::memcpy(&f, &v, sizeof f);
     _mm_stream_ps(reinterpret_cast<float*>(p), f);
-  } else if constexpr (kLean) {
-    store_lean(p, v);
   } else {
-    store(p, v);
+    store_maybe_lean<kLean>(p, v);
   }
 #else
-  if constexpr (kLean) {
-    store_lean(p, v);
-  } else {
-    store(p, v);
-  }
+  store_maybe_lean<kLean>(p, v);
 #endif
 }
 
@@ -402,10 +388,8 @@ inline void store_grad(T* g, vfloat v, int n, bool stream) {
     store_partial(g, v, n);
   } else if (stream) {
     store_stream<T, kLean>(g, v);
-  } else if constexpr (kLean) {
-    store_lean(g, v);
   } else {
-    store(g, v);
+    store_maybe_lean<kLean>(g, v);
   }
 }
 
@@ -447,7 +431,7 @@ inline void grad_chunk_plain(T* g, const float* e, int64_t start, int64_t end, f
     if constexpr (kStream) {
       store_stream<T, true>(g + i, gv);
     } else {
-      store_lean(g + i, gv);
+      store_maybe_lean<true>(g + i, gv);
     }
   }
   if (i < end) store_partial(g + i, sub_target(load(e + i) * va, i, t_local, b_target), static_cast<int>(end - i));
@@ -503,7 +487,7 @@ void forward_vec(const CrossEntropyParams& p) {
         const ChunkStat& cs = s.stats[chunk];
         // A chunk of -inf logits holds zeros (or NaN); a NaN lse must still make the whole row NaN.
         const float f = std::isnan(lse) ? kNaN : (cs.max == -kInf ? 0.0f : std::exp(cs.ref - lse));
-        const float a = canonical_nan(k.a * f);
+        const float a = k.a * f;  // k.a's NaN is canonical, f's is kNaN: so is a's
         if (!want_smooth && !th && end - start >= kLanes) {
           if (stream) {
             grad_chunk_plain<T, true>(g, e, start, end, a, t_local, k.b_target);

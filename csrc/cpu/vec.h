@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 
 #if defined(__SSE__)
 #include <immintrin.h>
@@ -196,7 +197,6 @@ inline void store_lean(bf16_t* p, vfloat v) {
   std::memcpy(p, &h, sizeof h);
 #endif
 }
-inline void store_lean(float* p, vfloat v) { store(p, v); }
 inline float canonical_nan(float x) { return x != x ? std::numeric_limits<float>::quiet_NaN() : x; }
 
 inline void store(fp16_t* p, vfloat v) {
@@ -214,7 +214,15 @@ inline void store(fp16_t* p, vfloat v) {
   for (int i = 0; i < kLanes; ++i) p[i] = from_float<fp16_t>(v[i]);
 #endif
 }
-inline void store_lean(fp16_t* p, vfloat v) { store(p, v); }
+// store_lean for bf16 when kLean, else store (fp32 and fp16 have no cheaper rounding).
+template <bool kLean, class T>
+inline void store_maybe_lean(T* p, vfloat v) {
+  if constexpr (kLean && std::is_same<T, bf16_t>::value) {
+    store_lean(p, v);
+  } else {
+    store(p, v);
+  }
+}
 
 // The first n (< kLanes) elements; the other lanes read as `fill`.
 template <class T>
@@ -318,8 +326,8 @@ inline vfloat vround(vfloat t) {
 }
 
 // 2^t for the softmaxes, whose arguments are <= ~0 (a logit or score minus its running max or its
-// logsumexp); leaner than vexp. t = n + f with n = round(t) and |f| <= 1/2, 2^f by a polynomial fitted for relative error over |f| <= 1/2,
-// 2^n built in the exponent bits. kWide: degree 5 (relative error 1e-7 in exact arithmetic, 2e-7 evaluated
+// logsumexp); leaner than vexp. t = n + f with n = round(t) and |f| <= 1/2, 2^f by a polynomial fitted for
+// relative error over |f| <= 1/2, 2^n built in the exponent bits. kWide: degree 5 (relative error 1e-7 in exact arithmetic, 2e-7 evaluated
 // in fp32), for fp32 results; else degree 4 (3e-6), one FMA less, far below bf16/fp16 rounding (2^-9,
 // 2^-12). t is first clamped to >= -127, whose exponent field 0 makes the result exactly 0: -inf gives 0
 // (masked entries get exactly zero probability) and so does anything below -127 (true values there are
@@ -331,8 +339,16 @@ inline vfloat vexp2_lean(vfloat t) {
   // n = round(t) by vround for the 16-bit loops (~5% faster on the AVX2 EPYC: two registers fewer, no spill),
   // by the 1.5·2^23 round trip for fp32, where vround measured ~7% slower in cross-entropy's forward that
   // also keeps the exps (its rounding and conversion compete with the stores for the same FP ports).
-  const vfloat magic = vbroadcast(12582912.0f);
-  const vfloat n = kWide ? (t + magic) - magic : vround(t);
+  vfloat n;
+  vuint bits;  // 2^n
+  if constexpr (kWide) {
+    const vfloat magic = vbroadcast(12582912.0f), k = t + magic;  // n in k's low mantissa bits
+    n = k - magic;
+    bits = (as_uint(k) + (127u - 0x4B400000u)) << 23;  // 0x4B400000: the bits of `magic`
+  } else {
+    n = vround(t);
+    bits = (vuint)(__builtin_convertvector(n, vint) + 127) << 23;
+  }
   const vfloat f = t - n;
   // Estrin's scheme (a dependent chain of three FMAs instead of five).
   const vfloat f2 = f * f;
@@ -345,12 +361,6 @@ inline vfloat vexp2_lean(vfloat t) {
     const vfloat hi = vbroadcast(9.585633873939514e-3f) * f2 +
                       (vbroadcast(5.590590462088585e-2f) * f + 2.402404099702835e-1f);
     p = hi * f2 + (vbroadcast(6.931242942810059e-1f) * f + 1.0f);
-  }
-  vuint bits;
-  if constexpr (kWide) {
-    bits = (as_uint(t + magic) + (127u - 0x4B400000u)) << 23;  // 0x4B400000: the bits of `magic`
-  } else {
-    bits = (vuint)(__builtin_convertvector(n, vint) + 127) << 23;
   }
   return p * as_float(bits);
 }

@@ -71,7 +71,7 @@ def _backward(ctx, grad_out, grad_lse):
     """lse is not differentiable (as in FlashAttention); q, k, v and an additive attn_mask are."""
     q, k, v, out, lse, attn_mask, alibi_slopes, cu_q, cu_k = ctx.saved_tensors
     dq, dk, dv = _backward_kernel(grad_out, q, k, v, out, lse, attn_mask, alibi_slopes, cu_q, cu_k, *ctx.scalars,
-                      ctx.deterministic, ctx.backend)
+                                  ctx.deterministic, ctx.backend)
     dmask = None
     if ctx.needs_input_grad[3]:
         dmask = _additive_mask_grad(grad_out, q, k, v, out, lse, attn_mask, alibi_slopes, *ctx.scalars)
