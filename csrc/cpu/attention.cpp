@@ -210,13 +210,18 @@ void gemm(int64_t M, int64_t N, int64_t K, const float* a, int64_t am, int64_t a
 }
 
 // ---- conversions ---------------------------------------------------------------------------------------
-// dst[0, np) = mul · src[0, n) followed by zeros.
+// dst[0, np) = mul · src[0, n) followed by zeros; nothing at or past dst + np is written (rows packed
+// back to back, np = n, end exactly at their buffer's end).
 template <class T>
 inline void load_row(const T* src, int64_t n, float mul, float* dst, int64_t np) {
   int64_t c = 0;
   for (; c + kLanes <= n; c += kLanes) store(dst + c, load(src + c) * mul);
   if (c < n) {
-    store(dst + c, load_partial(src + c, static_cast<int>(n - c)) * mul);
+    const vfloat tail = load_partial(src + c, static_cast<int>(n - c)) * mul;
+    if (c + kLanes <= np)
+      store(dst + c, tail);
+    else
+      store_partial(dst + c, tail, static_cast<int>(n - c));
     c += kLanes;
   }
   for (; c < np; c += kLanes) store(dst + c, vbroadcast(0.0f));
