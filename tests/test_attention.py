@@ -374,6 +374,26 @@ def test_fully_masked_rows(backend, device):
     assert torch.count_nonzero(o[:, :, :L - 3]) == 0 and torch.isneginf(lse[:, :, :L - 3]).all()
 
 
+@pytest.mark.parametrize("window", [(2**31 - 1, 0), (2**31 + 1, 0), (2**32, 0), (3, 2**32), (2**63 - 1, 2**40)])
+def test_window_bounds_beyond_int32(backend, device, window):
+    """Window bounds past any sequence length cut nothing, however large (the CPU kernel once compared them
+    as int32, so 2^32 became 0)."""
+    q, k, v = qkv(1, 2, 2, 21, 37, 16, device=device)
+    check_attention(backend, q, k, v, F32, window=window)
+
+
+def test_sdpa_empty_with_many_batch_dims(backend, device):
+    for lq, s in ((4, 0), (0, 5)):
+        q = rand(2, 3, 2, lq, 8, device=device, requires_grad=True)
+        k, v = rand(2, 3, 2, s, 8, device=device), rand(2, 3, 2, s, 8, device=device)
+        with unimplemented_skips():
+            out = fusedops.scaled_dot_product_attention(q, k, v)
+        assert out.shape == (2, 3, 2, lq, 8) and torch.count_nonzero(out) == 0
+        if out.numel():
+            dq, = torch.autograd.grad(out, (q,), torch.randn_like(out))
+            assert torch.count_nonzero(dq) == 0
+
+
 def test_empty(backend, device):
     q, k, v = qkv(1, 2, 2, 5, 0, 16, device=device)
     with unimplemented_skips():
@@ -399,6 +419,7 @@ SDPA_CASES = {
     "gqa": dict(q=(2, 6, 17, 16), k=(2, 2, 23, 16), v=(2, 2, 23, 16), enable_gqa=True),
     "gqa_5d": dict(q=(2, 2, 4, 17, 16), k=(2, 2, 1, 23, 16), v=(2, 2, 1, 23, 16), enable_gqa=True),
     "mqa_bcast_heads": dict(q=(2, 4, 17, 16), k=(2, 1, 23, 16), v=(2, 1, 23, 16)),
+    "bcast_value_batch": dict(q=(1, 6, 17, 16), k=(1, 6, 23, 16), v=(3, 1, 23, 8)),  # v widens the batch
 }
 MASKS = {
     "none": None,
@@ -421,7 +442,8 @@ def test_sdpa_matches_torch(case, mask, is_causal):
     gqa = spec.pop("enable_gqa", False)
     q, k, v = (rand(*spec[n], requires_grad=True) for n in "qkv")
     L, S = q.shape[-2], k.shape[-2]
-    out_lead = torch.broadcast_shapes(q.shape[:-2], k.shape[:-3] + q.shape[-3:-2] if gqa else k.shape[:-2])
+    kv_lead = [t.shape[:-3] + q.shape[-3:-2] if gqa else t.shape[:-2] for t in (k, v)]
+    out_lead = torch.broadcast_shapes(q.shape[:-2], *kv_lead)
     m = None if MASKS[mask] is None else MASKS[mask](L, S, tuple(out_lead))
     if m is not None and m.dtype == torch.bool:
         m[..., 0] = True  # torch gives NaN on fully masked rows; keep them out of this comparison
@@ -430,19 +452,28 @@ def test_sdpa_matches_torch(case, mask, is_causal):
     if m is not None and is_causal:  # torch combines them too, but refuses the pair when gradients are needed
         tril = torch.ones(L, S, dtype=torch.bool).tril()
         tm = m & tril if m.dtype == torch.bool else m.masked_fill(~tril, float("-inf"))
-        expected = F.scaled_dot_product_attention(q, k, v, attn_mask=tm, enable_gqa=gqa)
+        kw = dict(attn_mask=tm, enable_gqa=gqa)
     else:  # (torch's own CPU kernel rejects a 1-D mask that its documentation calls broadcastable)
-        tm = m if m is None or m.dim() >= 2 else m[None]
-        expected = F.scaled_dot_product_attention(q, k, v, attn_mask=tm, is_causal=is_causal, enable_gqa=gqa)
-    assert out.shape == expected.shape
-    assert_close(out, expected.double(), F32, "out vs torch")
+        kw = dict(attn_mask=m if m is None or m.dim() >= 2 else m[None], is_causal=is_causal, enable_gqa=gqa)
+    try:
+        expected = F.scaled_dot_product_attention(q, k, v, **kw)
+    except RuntimeError:
+        # torch 2.13 adds a mask wider than q·kᵀ's batch (value widens it) in place and fails: the float64
+        # reference alone is the oracle there.
+        assert case == "bcast_value_batch" and m is not None and m.dim() > 2
+        expected = None
+    if expected is not None:
+        assert out.shape == expected.shape
+        assert_close(out, expected.double(), F32, "out vs torch")
     qr, kr, vr = leaf64(q), leaf64(k), leaf64(v)
     ro = ref.scaled_dot_product_attention(qr, kr, vr, attn_mask=m, is_causal=is_causal, enable_gqa=gqa)
+    assert out.shape == ro.shape
     assert_close(out, ro, F32, "out vs reference")
     g = torch.randn_like(out)
     grads = torch.autograd.grad(out, (q, k, v), g)
-    tgrads = torch.autograd.grad(expected, (q, k, v), g)
-    assert_grads_close(grads, [t.double() for t in tgrads], F32)
+    if expected is not None:
+        tgrads = torch.autograd.grad(expected, (q, k, v), g)
+        assert_grads_close(grads, [t.double() for t in tgrads], F32)
     assert_grads_close(grads, torch.autograd.grad(ro, (qr, kr, vr), g.double()), F32)
 
 
@@ -649,6 +680,9 @@ def test_bad_input(backend, device):
         (lambda: attn(q, k, v, causal=True, window=(-1, 3)), ValueError, "causal"),
         (lambda: attn(q, k, v, alibi_slopes=torch.rand(3, device=device)), ValueError, "alibi_slopes"),
         (lambda: attn(q, k, v, scale=float("nan")), ValueError, "scale"),
+        (lambda: attn(q, k, v, scale=1e39), ValueError, "scale must be finite as a float32"),
+        (lambda: attn(q, k, v, softcap=1e39), ValueError, "softcap"),
+        (lambda: sdpa(q, k, v, scale=-1e39), ValueError, "scale"),
         (lambda: attn(q, k.to("meta"), v), ValueError, "same device"),
         (lambda: sdpa(q, k, v, attn_mask=torch.ones(3, 8, device=device, dtype=torch.bool)), ValueError,
          "attn_mask"),
@@ -681,6 +715,10 @@ def test_bad_varlen(backend, device):
            torch.tensor([0, 2, 4, 10], dtype=torch.int32, device=device))
     with pytest.raises(ValueError, match="max_seqlen_q"):
         vl(q, q, q, cu, cu, max_seqlen_q=5)
+    with pytest.raises(ValueError, match=r"max_seqlen_q and max_seqlen_k must be in \[0, 2\^31\)"):
+        vl(q, q, q, cu, cu, max_seqlen_k=2**31 + 5)
+    with pytest.raises(ValueError, match="softcap"):
+        vl(q, q, q, cu, cu, softcap=float("inf"))
     with pytest.raises(TypeError, match="cu_seqlens_k"):
         vl(q, q, q, cu, cu.float())
     with pytest.raises(ValueError, match="same length"):
@@ -708,6 +746,11 @@ def test_op_checks_direct_calls():
                 torch.tensor([0, 2, 4, 10], dtype=torch.int32), 10, 10, 1.0, 0.0, -1, -1, False, 0.0, 0, 0)
     with pytest.raises(ValueError, match="max_seqlen_k = 5"):
         fwd(qv, qv, qv, None, None, cu, cu, 10, 5, 1.0, 0.0, -1, -1, False, 0.0, 0, 0)
+    for backend_code in (0, 1):  # cpu, cuda-emulated (whose grid would have ~2^31 / 64 idle blocks)
+        with pytest.raises(ValueError, match=r"must be in \[0, 2\^31\)"):
+            fwd(qv, qv, qv, None, None, cu, cu, 2**31 + 5, 10, 1.0, 0.0, -1, -1, False, 0.0, 0, backend_code)
+    with pytest.raises(ValueError, match="scale must be finite as a float32"):
+        fwd(q, q, q, None, None, None, None, 0, 0, 1e39, 0.0, -1, -1, False, 0.0, 0, 0)
     out, lse = fwd(q, q, q, None, None, None, None, 0, 0, 1.0, 0.0, -1, -1, False, 0.0, 0, 0)
     bwd = torch.ops.fusedops.attention_backward
     with pytest.raises(ValueError, match="lse must have shape"):

@@ -11,7 +11,9 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <limits>
 #include <tuple>
 
@@ -101,7 +103,8 @@ AttentionForwardParams forward_params(const char* op, Backend b, Inputs& in, int
       *t = t->contiguous();
     }
     TORCH_CHECK_VALUE(in.cu_q.size(0) == in.cu_k.size(0), op, ": cu_seqlens_q and cu_seqlens_k must have the same length");
-    TORCH_CHECK_VALUE(max_seqlen_q >= 0 && max_seqlen_k >= 0, op, ": max_seqlen_q and max_seqlen_k must be >= 0");
+    TORCH_CHECK_VALUE(max_seqlen_q >= 0 && max_seqlen_k >= 0 && max_seqlen_q <= INT32_MAX && max_seqlen_k <= INT32_MAX, op,
+                      ": max_seqlen_q and max_seqlen_k must be in [0, 2^31), got ", max_seqlen_q, " and ", max_seqlen_k);
     // Offsets in host memory (cpu and cuda-emulated backends) are checked here: the kernels trust them.
     // On a GPU that would need a synchronization, so there they are the caller's responsibility.
     if (in.cu_q.device().is_cpu()) {
@@ -139,13 +142,18 @@ AttentionForwardParams forward_params(const char* op, Backend b, Inputs& in, int
   p.k = in.k.data_ptr();
   p.v = in.v.data_ptr();
 
-  TORCH_CHECK_VALUE(std::isfinite(scale), op, ": scale must be finite, got ", scale);
-  TORCH_CHECK_VALUE(softcap >= 0 && std::isfinite(softcap), op, ": softcap must be >= 0 (0 = off), got ", softcap);
+  // The kernels take these as float32: a double beyond its range would become inf there.
+  TORCH_CHECK_VALUE(std::isfinite(static_cast<float>(scale)), op, ": scale must be finite as a float32, got ", scale);
+  TORCH_CHECK_VALUE(softcap >= 0 && std::isfinite(static_cast<float>(softcap)), op,
+                    ": softcap must be >= 0 (0 = off) and finite as a float32, got ", softcap);
   TORCH_CHECK_VALUE(dropout_p >= 0 && dropout_p < 1, op, ": dropout_p must be in [0, 1), got ", dropout_p);
   p.scale = static_cast<float>(scale);
   p.softcap = static_cast<float>(softcap);
-  p.window_left = window_left < 0 ? -1 : window_left;
-  p.window_right = window_right < 0 ? -1 : window_right;
+  // j - i - shift lies within ±(2^31 - 1) (lengths are below 2^31), so a larger bound cuts nothing; clamped,
+  // the kernels' index arithmetic (in int32 on some paths, i ± shift ± bound in int64) cannot overflow.
+  const auto bound = [](int64_t w) { return w < 0 ? int64_t{-1} : std::min<int64_t>(w, INT32_MAX); };
+  p.window_left = bound(window_left);
+  p.window_right = bound(window_right);
   p.bottom_right = bottom_right;
   p.dropout_p = static_cast<float>(dropout_p);
   p.dropout_seed = static_cast<uint64_t>(dropout_seed);

@@ -54,7 +54,7 @@ struct AttentionForwardParams {
 
   float scale = 1.0f;
   float softcap = 0.0f;
-  int64_t window_left = -1, window_right = -1;
+  int64_t window_left = -1, window_right = -1;  // -1 (unbounded) or in [0, 2^31)
   bool bottom_right = false;
 
   const float* alibi_slopes = nullptr;  // slope(b, h) = alibi_slopes[b * alibi_batch_stride + h]

@@ -152,13 +152,23 @@ def _check_qkv(q, k, v, fn: str, min_dim: int, names=("q", "k", "v"), seq_dim: i
                          f"{tuple(k.shape)} and {nv} shape {tuple(v.shape)}")
 
 
+_FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+
+
 def _resolve_scale(scale, head_dim: int, fn: str) -> float:
     if scale is None:
         return 1.0 / math.sqrt(head_dim) if head_dim > 0 else 1.0
     scale = float(scale)
-    if not math.isfinite(scale):
-        raise ValueError(f"fusedops.{fn}: scale must be finite, got {scale}")
+    if not abs(scale) <= _FLOAT32_MAX:  # the kernels take it as a float32
+        raise ValueError(f"fusedops.{fn}: scale must be finite as a float32, got {scale}")
     return scale
+
+
+def _check_softcap(softcap, fn: str) -> float:
+    softcap = float(softcap)
+    if not 0 <= softcap <= _FLOAT32_MAX:
+        raise ValueError(f"fusedops.{fn}: softcap must be >= 0 (0 = off) and finite as a float32, got {softcap}")
+    return softcap
 
 
 def _check_dropout(dropout_p, fn: str) -> float:
@@ -260,7 +270,7 @@ def _flatten_batch(t: torch.Tensor, batch: Sequence[int]) -> torch.Tensor:
         return t[None, None]
     if len(batch) == 1:
         return t[None]
-    return t.reshape(-1, batch[-1], t.shape[-2], t.shape[-1])
+    return t.reshape(math.prod(batch[:-1]), batch[-1], t.shape[-2], t.shape[-1])  # -1 is ambiguous when empty
 
 
 def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -370,9 +380,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     if k.shape[1] == 0 or q.shape[1] % k.shape[1] != 0:
         raise ValueError(f"fusedops.{fn}: the number of query heads ({q.shape[1]}) must be a multiple of the number "
                          f"of key/value heads ({k.shape[1]})")
-    softcap = float(softcap)
-    if not (softcap >= 0 and math.isfinite(softcap)):
-        raise ValueError(f"fusedops.{fn}: softcap must be >= 0 (0 = off), got {softcap}")
+    softcap = _check_softcap(softcap, fn)
     win = _window(causal, window, fn)
     slopes = _alibi(alibi_slopes, q.shape[0], q.shape[1], q.device, fn)
     dropout_p = _check_dropout(dropout_p, fn)
@@ -436,16 +444,15 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
                          f"of key/value heads ({k.shape[1]})")
     max_q = q.shape[0] if max_seqlen_q is None else int(max_seqlen_q)
     max_k = k.shape[0] if max_seqlen_k is None else int(max_seqlen_k)
-    if max_q < 0 or max_k < 0:
-        raise ValueError(f"fusedops.{fn}: max_seqlen_q and max_seqlen_k must be >= 0")
+    if not (0 <= max_q < 2**31 and 0 <= max_k < 2**31):
+        raise ValueError(f"fusedops.{fn}: max_seqlen_q and max_seqlen_k must be in [0, 2^31), got {max_q} and "
+                         f"{max_k}")
     cu_q = _check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", q.shape[0], max_q, fn, q)
     cu_k = _check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", k.shape[0], max_k, fn, q)
     if cu_q.shape[0] != cu_k.shape[0]:
         raise ValueError(f"fusedops.{fn}: cu_seqlens_q and cu_seqlens_k must have the same length, got "
                          f"{cu_q.shape[0]} and {cu_k.shape[0]}")
-    softcap = float(softcap)
-    if not (softcap >= 0 and math.isfinite(softcap)):
-        raise ValueError(f"fusedops.{fn}: softcap must be >= 0 (0 = off), got {softcap}")
+    softcap = _check_softcap(softcap, fn)
     win = _window(causal, window, fn)
     slopes = _alibi(alibi_slopes, cu_q.shape[0] - 1, q.shape[1], q.device, fn)
     dropout_p = _check_dropout(dropout_p, fn)

@@ -297,6 +297,8 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     if enable_gqa and q.dim() >= 3 and k.dim() >= 3 and q.shape[-3] != k.shape[-3]:
         k = k.repeat_interleave(q.shape[-3] // k.shape[-3], dim=-3)
         v = v.repeat_interleave(q.shape[-3] // v.shape[-3], dim=-3)
+    batch = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])  # value's batch counts too
+    q, k, v = (t.expand(*batch, *t.shape[-2:]) for t in (q, k, v))
     s = scale * (q @ k.transpose(-1, -2))
     visible = torch.ones(L, S, dtype=torch.bool, device=q.device)
     if is_causal:
