@@ -393,6 +393,36 @@ def test_inplace_backward(backend, device):
         loss.backward()
 
 
+def test_inplace_backward_on_logits_it_cannot_overwrite(backend, device):
+    """Rows that overlap (an expanded tensor) or strided classes cannot take the gradient in place: the
+    gradient then gets its own buffer, as without inplace_backward, and matches torch's."""
+    t = torch.tensor([1, 2, 3, 6])
+    views = {"expanded": ((1, 7), lambda b: b.expand(4, 7)),
+             "rows one apart": ((1, 10), lambda b: b.as_strided((4, 7), (1, 1))),
+             "strided classes": ((4, 14), lambda b: b[:, ::2])}
+    for what, (shape, view) in views.items():
+        base = torch.randn(*shape, dtype=torch.float64)
+        x = base.to(device=device, dtype=torch.float32).requires_grad_(True)
+        fusedops.cross_entropy(view(x), t.to(device), label_smoothing=0.1, inplace_backward=True).backward()
+        xr = base.clone().requires_grad_(True)
+        F.cross_entropy(view(xr), t, label_smoothing=0.1).backward()
+        close(x.grad, xr.grad, torch.float32, f"grad through {what} logits")
+
+
+@pytest.mark.parametrize("extra", [dict(label_smoothing=0.1), dict(z_loss=1e-2), dict()])
+def test_mean_over_zero_total_weight_is_nan(backend, device, extra):
+    """Every kept target of weight 0: torch's mean is 0/0 = NaN even though the smoothing term's sum is not 0
+    (fusedops once gave inf)."""
+    x, t = make_inputs(6, 5, torch.float32, device)
+    t = torch.tensor([0, 1, 0, 1, -100, 1], device=device)
+    w = torch.tensor([0.0, 0.0, 1.0, 2.0, 1.0], device=device)
+    loss = fusedops.cross_entropy(x, t, weight=w, **extra)
+    assert torch.isnan(loss), loss
+    if "z_loss" not in extra:
+        assert torch.isnan(F.cross_entropy(x.cpu(), t.cpu(), weight=w.cpu(), **extra))
+    assert torch.isnan(reference.cross_entropy(x.cpu(), t.cpu(), weight=w.cpu(), **extra)[0])
+
+
 def test_inplace_backward_guards_other_users_of_the_logits(backend, device):
     """An op that saved the logits for its own backward must not silently read the gradient."""
     x = torch.randn(5, 20, device=device, requires_grad=True)

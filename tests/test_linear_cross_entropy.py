@@ -219,3 +219,20 @@ def test_module(backend, device):
     m = fusedops.LinearCrossEntropyLoss(label_smoothing=0.1, chunk_size=3)
     expected, _ = reference.linear_cross_entropy(hidden, weight, target, bias, label_smoothing=0.1)
     close(m(hidden, weight, target, bias), expected, torch.float32, "module loss")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_16bit_weight_gradient_summed_in_fp32_over_chunks(backend, device, dtype):
+    """Many chunks of a 16-bit weight: dW is summed in fp32 and rounded once, so its error stays at torch's
+    own 16-bit error (rounded to 16 bits after every chunk it grew with the number of chunks: ~10x at 128)."""
+    n, h, v = (2048, 32, 64) if backend == "cpu" else (512, 16, 24)
+    hidden, weight, bias, target = problem(n, h, v, device, dtype=dtype)
+    w = weight.detach().clone().requires_grad_(True)
+    fusedops.linear_cross_entropy(hidden, w, target, reduction="sum", chunk_size=16).backward()
+    wt = weight.detach().clone().requires_grad_(True)  # torch's own 16-bit path: one GEMM for dW
+    torch.nn.functional.cross_entropy(hidden @ wt.t(), target, reduction="sum").backward()
+    wr = weight.detach().double().requires_grad_(True)
+    reference.linear_cross_entropy(hidden.double(), wr, target, reduction="sum")[0].backward()
+    ours, torchs = ((g.double() - wr.grad).abs().max().item() for g in (w.grad, wt.grad))
+    assert w.grad.dtype == dtype
+    assert ours <= 2 * torchs + 1e-3 * wr.grad.abs().max().item(), (ours, torchs)

@@ -175,8 +175,10 @@ void write_reduced(const CrossEntropyParams& p, const Problem<Acc>& pr, const Ac
   if (p.reduced == nullptr) return;
   double sum = 0;
   for (int64_t r = 0; r < p.rows; ++r) sum += loss[r];
-  *static_cast<Acc*>(p.reduced) =
-      static_cast<Acc>(p.reduction == Reduction::mean ? sum / static_cast<double>(pr.denom) : sum);
+  // A mean over a zero denominator (every row ignored or of weight 0) is NaN, as torch's 0/0, even when
+  // smoothing or z-loss terms make the sum non-zero.
+  const double mean = pr.denom != 0 ? sum / static_cast<double>(pr.denom) : std::numeric_limits<double>::quiet_NaN();
+  *static_cast<Acc*>(p.reduced) = static_cast<Acc>(p.reduction == Reduction::mean ? mean : sum);
 }
 
 // Gradient coefficients of one row: dL/dy_c = a·p_c - b_smooth·w_c - b_target·[c = t].

@@ -398,13 +398,15 @@ __global__ void XENT_LAUNCH_BOUNDS xent_prologue(Args a) {
   }
 }
 
-// The reduced loss: Σ loss (sum) or Σ loss / ws[0] (mean; 0/0 = NaN when every row is ignored, as torch).
+// The reduced loss: Σ loss (sum) or Σ loss / ws[0] (mean; NaN when the denominator is 0 — every row ignored
+// or of weight 0 — as torch, whose mean is then 0/0 even when smoothing or z-loss terms are not 0).
 __global__ void XENT_LAUNCH_BOUNDS xent_epilogue(Args a) {
   __shared__ float scratch[32];
   float s = 0.0f;
   for (int64_t i = threadIdx.x; i < a.rows; i += kThreads) s += a.loss[i];
   s = block_sum(s, scratch);
-  if (threadIdx.x == 0) *a.reduced = a.reduction == static_cast<int>(Reduction::mean) ? s / a.ws[0] : s;
+  if (threadIdx.x == 0)
+    *a.reduced = a.reduction != static_cast<int>(Reduction::mean) ? s : a.ws[0] != 0.0f ? s / a.ws[0] : NAN;
 }
 
 Args make_args(const CrossEntropyParams& p) {

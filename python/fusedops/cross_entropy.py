@@ -96,6 +96,14 @@ def _setup_context(ctx, inputs, output):
         ctx.save_for_backward(logits, target, weight, lse)
 
 
+def _writable_in_place(logits: Tensor) -> bool:
+    """Whether the (N, C) logits can take their gradient in place (the binding's rule): classes contiguous and
+    rows apart. Otherwise (strided classes, rows overlapping as in an expanded tensor) the gradient gets its
+    own buffer."""
+    n, c = logits.shape
+    return (c == 1 or logits.stride(1) == 1) and (n <= 1 or logits.stride(0) >= c)
+
+
 def _mark_overwritten(logits: Tensor) -> None:
     """Bumps the logits' version after the in-place backward wrote over them, so that another op which saved
     them for its own backward raises autograd's "modified by an inplace operation" instead of reading the
@@ -273,7 +281,10 @@ def reduce_loss(loss_rows: Tensor, denom: Tensor, reduction: int) -> Tensor:
     if reduction == 0:
         return loss_rows
     total = loss_rows.sum()
-    return total / denom if reduction == 1 else total
+    if reduction != 1:
+        return total
+    # a zero denominator (every token ignored or of weight 0) gives NaN, as torch's 0/0, whatever the sum
+    return torch.where(denom != 0, total / denom, torch.full_like(total, float("nan")))
 
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):
@@ -301,7 +312,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
             g_loss = lse.new_zeros(lse.shape if reduction == 0 else ())
         args = (g_loss, g_lse, logits, target, weight, lse, ignore_index, reduction, eps, z, cap, offset, total,
                 backend)
-        if inplace and (logits.stride(-1) == 1 or logits.shape[-1] == 1):
+        if inplace and _writable_in_place(logits):
             if ctx.consumed:
                 raise RuntimeError("fusedops.cross_entropy: inplace_backward=True overwrote the logits in the first "
                                    "backward; the graph cannot be backpropagated through again")
@@ -368,8 +379,8 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
             mode = GRAD_FUSED
         else:
             mode = GRAD_RECOMPUTE
-        if mode == GRAD_INPLACE and (logits.stride(-1) != 1 and logits.shape[-1] > 1):
-            mode = GRAD_RECOMPUTE  # strided classes: the gradient gets its own buffer
+        if mode == GRAD_INPLACE and not _writable_in_place(logits):
+            mode = GRAD_RECOMPUTE
         if not needs_grad and mode == GRAD_FUSED:
             mode = GRAD_RECOMPUTE
         loss, lse, _grad = _forward(logits, tgt, weight, None, ignore_index, red, eps, z, cap, mode, backend)

@@ -148,7 +148,10 @@ def cross_entropy(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tens
         return loss.reshape(shape), lse.reshape(shape)
     if reduction == "sum":
         return loss.sum(), lse.reshape(shape)
-    return loss.sum() / torch.where(ignored, torch.zeros_like(w_t), w_t).sum(), lse.reshape(shape)
+    denom = torch.where(ignored, torch.zeros_like(w_t), w_t).sum()
+    # torch's mean over a zero denominator is 0/0 = NaN, even when the smoothing term's sum is not 0
+    mean = torch.where(denom != 0, loss.sum() / denom, torch.full_like(denom, float("nan")))
+    return mean, lse.reshape(shape)
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
