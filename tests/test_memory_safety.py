@@ -61,7 +61,6 @@ def cross_entropy_cases(dtypes, classes, rows):
 """
 
 CPU_SCRIPT = PRELUDE + """
-import fusedops.optim
 for isa in fusedops.build_info()["cpu_isas_available"]:
     fusedops.set_cpu_isa(isa)
     for threads in (1, 2):
@@ -79,7 +78,7 @@ for isa in fusedops.build_info()["cpu_isas_available"]:
                 params = [torch.nn.Parameter(rnd(n, grad=False)) for n in (1, 3, 17, 1001)]
                 for p in params:
                     p.grad = torch.randn_like(p)
-                opt = fusedops.optim.FusedAdamW(params, lr=1e-2, state_dtype=state_dtype, amsgrad=False)
+                opt = fusedops.optim.FusedAdamW(params, lr=1e-2, state_dtype=state_dtype)
                 for _ in range(2):
                     opt.step()
 print("done")
